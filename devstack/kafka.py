@@ -1,0 +1,373 @@
+"""A single-node Apache Kafka broker for development and tests, run from Maven jars, no Docker.
+
+`KafkaBroker(state_dir).start()` takes the broker's jars from Maven Central (once; see
+devstack/maven/kafka.xml), writes `server.properties`, formats the log directory the first
+time (KRaft: this one node is both broker and controller, the only voter of its quorum),
+starts `java ... kafka.Kafka server.properties` detached and returns when an admin client
+can list topics. Data lives in `state_dir/data` and survives `stop()` and `start()`.
+
+Layout of `state_dir`:
+
+    server.properties   written on every start (ports may change between runs)
+    log4j2.properties   broker logging: INFO to logs/server.log, rolled at 10 MB
+    data/               the log directory (topics, offsets, the cluster metadata)
+    logs/server.log     the broker's own log
+    kafka.out           the JVM's stdout and stderr (start-up failures land here)
+    kafka.pid           the running broker's pid
+
+Raises `devstack.StackError` when the jars cannot be had, a port is taken, or the broker
+exits or is not ready in time (with the tail of its logs).
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+
+# The admin package re-exports NewTopic without declaring it; its home is the C extension.
+from confluent_kafka.cimpl import NewTopic
+
+from devstack.process import (
+    DetachedProcess,
+    StackError,
+    ensure_port_free,
+    free_port,
+    port_accepts,
+    require_tool,
+    resolve_jars,
+)
+
+__all__ = ["KafkaBroker", "free_port"]
+
+POM = Path(__file__).resolve().parent / "maven" / "kafka.xml"
+DEFAULT_LIB_DIR = Path.home() / ".cache" / "category-suggester" / "kafka-lib"
+
+_POLL_S = 0.2
+
+_LOG4J2 = """\
+# Written by devstack/kafka.py on every start.
+status = warn
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = {logs}/server.log
+appender.file.filePattern = {logs}/server.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 10MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 2
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+# Per-partition state changes and per-request lines: noise on a development machine.
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.clients.name = org.apache.kafka.clients
+logger.clients.level = WARN
+"""
+
+
+class KafkaBroker:
+    """One KRaft node (broker and controller) listening on localhost.
+
+    The client listener is PLAINTEXT on `localhost:<port>`, the controller listener on
+    `localhost:<controller_port>`. `extra_properties` are applied last and override any
+    default, which is how a caller adds listeners, for example a SASL_SSL one:
+
+        KafkaBroker(state_dir, port=p, controller_port=c, extra_properties={
+            "listeners": f"PLAINTEXT://localhost:{p},CONTROLLER://localhost:{c},"
+                         f"SASL_SSL://localhost:{s}",
+            "advertised.listeners": f"PLAINTEXT://localhost:{p},SASL_SSL://localhost:{s}",
+            "listener.security.protocol.map":
+                "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": "...",
+            "ssl.keystore.location": "...", ...
+        })
+
+    The instance that started the broker and any later instance on the same `state_dir`
+    (another process: `make stack-down`) can stop it; the pid file links them.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        port: int = 9092,
+        controller_port: int = 9093,
+        heap: str = "512m",
+        extra_properties: Mapping[str, str] | None = None,
+        lib_dir: Path = DEFAULT_LIB_DIR,
+    ) -> None:
+        self.state_dir = state_dir.resolve()
+        self.port = port
+        self.controller_port = controller_port
+        self.heap = heap
+        self.extra_properties = dict(extra_properties or {})
+        self.lib_dir = lib_dir
+        self.data_dir = self.state_dir / "data"
+        self.config_file = self.state_dir / "server.properties"
+        self.log4j_file = self.state_dir / "log4j2.properties"
+        self._process = DetachedProcess(
+            "Kafka broker",
+            pid_file=self.state_dir / "kafka.pid",
+            log_file=self.state_dir / "kafka.out",
+            # The absolute config path is in the broker's command line and names this broker.
+            marker=str(self.config_file),
+        )
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"localhost:{self.port}"
+
+    def properties(self) -> dict[str, str]:
+        """The broker's configuration: the single-node defaults, then `extra_properties`."""
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            # The one voter, named statically: the controller port may differ between runs
+            # of the same state_dir (a dynamic quorum would keep the first run's address).
+            "controller.quorum.voters": f"1@localhost:{self.controller_port}",
+            "controller.listener.names": "CONTROLLER",
+            "listeners": (
+                f"PLAINTEXT://localhost:{self.port},CONTROLLER://localhost:{self.controller_port}"
+            ),
+            "advertised.listeners": f"PLAINTEXT://localhost:{self.port}",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            # Topics are created on purpose (create_topics, the stack's set-up), never by a
+            # typo in a producer's topic name.
+            "auto.create.topics.enable": "false",
+            "num.partitions": "3",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            # One node: every internal topic has one replica, and transactions work with it.
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "10",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "10",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            # After a crash (kill()), the restarted node may register only once its previous
+            # registration's session has expired: 4 s instead of 9 s keeps fault tests quick.
+            "broker.session.timeout.ms": "4000",
+            "broker.heartbeat.interval.ms": "1000",
+            # Tests join groups constantly; the default 3 s wait for more members only slows them.
+            "group.initial.rebalance.delay.ms": "0",
+        }
+        props.update(self.extra_properties)
+        return props
+
+    def start(self, timeout_s: float = 120) -> None:
+        """Start the broker (a no-op wait if it already runs) and wait until it is ready."""
+        deadline = time.monotonic() + timeout_s
+        if not self.is_running():
+            self._launch()
+        self._wait_ready(deadline)
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """Stop the broker cleanly (SIGTERM), SIGKILL after `timeout_s`; no-op if not running."""
+        self._process.stop(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the broker now, as a crash would; the data stays for the next start."""
+        self._process.kill()
+
+    def is_running(self) -> bool:
+        return self._process.is_running()
+
+    def create_topics(
+        self,
+        topics: Mapping[str, int],
+        *,
+        replication: int = 1,
+        config: Mapping[str, str] | None = None,
+        timeout_s: float = 30,
+    ) -> None:
+        """Create each topic (name -> partitions) that does not exist yet, and wait for it.
+
+        Returns when every partition of every topic has a leader. An existing topic is left
+        as it is; one with a different partition count raises `StackError`, since silently
+        keeping it would hide a changed set-up.
+        """
+        admin = self._admin()
+        new = [
+            NewTopic(
+                name, num_partitions=n, replication_factor=replication, config=dict(config or {})
+            )
+            for name, n in topics.items()
+        ]
+        for name, future in admin.create_topics(new, request_timeout=timeout_s).items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise StackError(f"creating topic {name!r} failed: {exc}") from exc
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pending = self._topics_without_leaders(admin, topics)
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                raise StackError(f"topics not ready after {timeout_s:.0f}s: {pending}")
+            time.sleep(_POLL_S)
+
+    def _launch(self) -> None:
+        java = require_tool("java")
+        self._check_ports()
+        resolve_jars(POM, self.lib_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        classpath = f"{self.lib_dir}/*"
+        if not (self.data_dir / "meta.properties").is_file():
+            self._format(java, classpath)
+        self._process.start(
+            [
+                java,
+                f"-Xmx{self.heap}",
+                # Kafka's own JVM defaults (kafka-run-class.sh), minus the GC log.
+                "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20",
+                "-XX:InitiatingHeapOccupancyPercent=35",
+                "-XX:+ExplicitGCInvokesConcurrent",
+                "-XX:+ExitOnOutOfMemoryError",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={self.log4j_file}",
+                "-cp",
+                classpath,
+                "kafka.Kafka",
+                str(self.config_file),
+            ],
+            cwd=self.state_dir,
+        )
+
+    def _check_ports(self) -> None:
+        ensure_port_free(self.port, "Kafka")
+        ensure_port_free(self.controller_port, "Kafka controller")
+
+    def _write_config(self) -> None:
+        lines = [f"{key}={value}" for key, value in self.properties().items()]
+        self.config_file.write_text(
+            "# Written by devstack/kafka.py on every start.\n" + "\n".join(lines) + "\n"
+        )
+        self.log4j_file.write_text(_LOG4J2.format(logs=self.state_dir / "logs"))
+
+    def _format(self, java: str, classpath: str) -> None:
+        """Format the log directory for a new cluster (kafka-storage.sh format)."""
+        command = [
+            java,
+            f"-Dlog4j2.configurationFile={self.log4j_file}",
+            "-cp",
+            classpath,
+            "kafka.tools.StorageTool",
+            "format",
+            "--cluster-id",
+            _new_cluster_id(),
+            "--config",
+            str(self.config_file),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise StackError(
+                f"formatting {self.data_dir} failed (exit {result.returncode}):\n"
+                f"{result.stdout}{result.stderr}"
+            )
+
+    def _cluster_id(self) -> str | None:
+        try:
+            text = (self.data_dir / "meta.properties").read_text()
+        except FileNotFoundError:
+            return None
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "cluster.id":
+                return value.strip()
+        return None
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Return when this broker answers a metadata request; raise if it dies or is late.
+
+        The cluster id in the answer must be the one in our log directory, so that another
+        server on the same port is never taken for ours.
+        """
+        expected = self._cluster_id()
+        admin: AdminClient | None = None
+        while True:
+            if not self.is_running():
+                code = self._process.exit_code()
+                raise StackError(
+                    f"Kafka broker exited (status {code}) before it was ready; "
+                    f"see {self._process.log_file} and {self.state_dir / 'logs'}:\n"
+                    f"{self._log_tails()}"
+                )
+            # Connecting only once the port accepts keeps librdkafka from logging refusals.
+            if port_accepts(self.port):
+                admin = admin or self._admin()
+                try:
+                    metadata = admin.list_topics(timeout=2)
+                except KafkaException:
+                    metadata = None
+                if metadata is not None:
+                    if metadata.cluster_id != expected:
+                        raise StackError(
+                            f"{self.bootstrap_servers} answers for cluster "
+                            f"{metadata.cluster_id}, not this broker's {expected}"
+                        )
+                    return
+            if time.monotonic() >= deadline:
+                raise StackError(
+                    f"Kafka broker not ready on {self.bootstrap_servers} in time:\n"
+                    f"{self._log_tails()}"
+                )
+            time.sleep(_POLL_S)
+
+    def _log_tails(self) -> str:
+        server_log = self.state_dir / "logs" / "server.log"
+        tail = ""
+        if server_log.is_file():
+            tail = "\n".join(server_log.read_text(errors="replace").splitlines()[-30:])
+        return f"--- kafka.out ---\n{self._process.log_tail()}\n--- server.log ---\n{tail}"
+
+    def _admin(self) -> AdminClient:
+        return AdminClient({"bootstrap.servers": self.bootstrap_servers})
+
+    @staticmethod
+    def _topics_without_leaders(admin: AdminClient, topics: Mapping[str, int]) -> list[str]:
+        metadata = admin.list_topics(timeout=5)
+        pending = []
+        for name, partitions in topics.items():
+            topic = metadata.topics.get(name)
+            if topic is None or topic.error is not None:
+                pending.append(name)
+            elif len(topic.partitions) != partitions:
+                raise StackError(
+                    f"topic {name!r} exists with {len(topic.partitions)} partitions, "
+                    f"not {partitions}"
+                )
+            elif any(p.leader < 0 for p in topic.partitions.values()):
+                pending.append(name)
+        return pending
+
+
+def _new_cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding.
+
+    Kafka never hands out an id that starts with '-' (it would read as a command-line
+    option), so neither do we.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
