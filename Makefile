@@ -1,0 +1,65 @@
+# Entry points. Every target creates and uses the virtual environment in .venv.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+# Images for `make run`'s demo are served from here; the service may fetch from it.
+DEMO_ORIGIN := 127.0.0.1:8090
+
+.PHONY: help install system-deps stack stack-down run test unit lint format train-demo bench bench-soak chaos fuzz clean
+
+help:
+	@echo "make run         start the local stack (Kafka, Triton) and run the service in the foreground"
+	@echo "make test        install what is missing and run lint and the whole test suite"
+	@echo "make stack       start the local stack in the background; make stack-down stops and wipes it"
+	@echo "make train-demo  train a small model on synthetic photos and serve it"
+	@echo "make bench       benchmark the service against a naive consumer and Triton's ceiling"
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[stack,training,dev]'
+	touch $@
+
+install: $(INSTALLED) system-deps
+
+# Debian packages the tests need (promtool and prometheus for the alert and dashboard tests).
+system-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing Debian package prometheus"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v java >/dev/null && command -v mvn >/dev/null || { \
+	  echo "installing Java 17 and Maven"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
+
+stack: install
+	$(PY) -m devstack up
+
+stack-down:
+	test -x $(PY) && $(PY) -m devstack down || rm -rf .stack
+
+run: install
+	$(PY) -m devstack up
+	SUGGESTER_FETCH__ALLOWED_HOSTS=$(DEMO_ORIGIN) $(PY) -m consumer run
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: install lint
+	$(PY) -m pytest -m "not chaos"
+
+unit: $(INSTALLED)
+	$(PY) -m pytest tests/unit
+
+clean: stack-down
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

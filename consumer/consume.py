@@ -1,0 +1,308 @@
+"""Step 1: consume `listing-image-uploaded` from Kafka.
+
+Takes: KafkaSettings and a `PartitionHandler` (the app) that receives messages and
+rebalance news on the event loop. Gives: batches of `confluent_kafka.Message` to the
+handler; applies the handler's requests to pause, resume and store offsets.
+
+One thread owns the librdkafka consumer (it is not safe to call from two threads at once):
+it polls, applies the requests queued by the event loop between polls, and runs the
+rebalance callbacks. A revoke blocks that thread, not the event loop, while the loop
+finishes (or abandons, after the grace period) the work of the partitions that move, so
+their offsets can be committed before another member takes them over.
+
+Offsets: `enable.auto.offset.store=false`; the app stores an offset only when every
+earlier offset of its partition is answered (see offsets.py); librdkafka commits stored
+offsets every `commit_interval_s`, and we commit synchronously on revoke and on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from consumer.metrics import Metrics
+from consumer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Partition = tuple[str, int]
+
+
+class PartitionHandler(Protocol):
+    """What the source calls on the event loop."""
+
+    def on_messages(self, messages: Sequence[Message]) -> None: ...
+
+    def on_assigned(self, partitions: Sequence[Partition]) -> None: ...
+
+    async def on_revoked(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        """Finish or abandon work of these partitions; return offsets to commit."""
+        ...
+
+    def on_lost(self, partitions: Sequence[Partition]) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Request:
+    kind: str  # "pause" | "resume" | "drain" | "store"
+    partitions: tuple[Partition, ...] = ()
+    offsets: tuple[tuple[str, int, int], ...] = ()
+
+
+def consumer_config(settings: Settings, stats_cb: Callable[[str], None] | None) -> dict[str, Any]:
+    kafka = settings.kafka
+    conf = kafka.common_config()
+    conf.update(
+        {
+            "group.id": kafka.group_id,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "enable.auto.offset.store": False,
+            "enable.auto.commit": True,
+            "auto.commit.interval.ms": int(settings.consumer.commit_interval_s * 1000),
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": kafka.session_timeout_ms,
+            "max.poll.interval.ms": kafka.max_poll_interval_ms,
+            "isolation.level": "read_committed",
+            "statistics.interval.ms": kafka.statistics_interval_ms,
+        }
+    )
+    if kafka.group_instance_id:
+        conf["group.instance.id"] = kafka.group_instance_id
+    if stats_cb is not None and kafka.statistics_interval_ms > 0:
+        conf["stats_cb"] = stats_cb
+    conf.update(kafka.extra)
+    return conf
+
+
+class KafkaSource:
+    """The input topic, polled on a thread of its own."""
+
+    POLL_TIMEOUT_S = 0.1
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        handler: PartitionHandler,
+        *,
+        consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._handler = handler
+        self._consumer = consumer_factory(consumer_config(settings, self._on_stats))
+        self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._draining = False
+        self._lag_labels: set[Partition] = set()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._assigned: set[Partition] = set()
+        self._paused: set[Partition] = set()
+        self._want_paused = False
+        self.fatal_error: KafkaException | None = None
+
+    # -- called on the event loop -------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._consumer.subscribe(
+            [self._settings.kafka.input_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._thread = threading.Thread(target=self._run, name="kafka-consumer", daemon=True)
+        self._thread.start()
+
+    def pause_all(self) -> None:
+        self._requests.put(_Request("pause"))
+
+    def resume_all(self) -> None:
+        self._requests.put(_Request("resume"))
+
+    def store(self, offsets: dict[Partition, int]) -> None:
+        """Store these next-offsets-to-read; librdkafka commits them on its interval."""
+        if offsets:
+            items = tuple((t, p, o) for (t, p), o in offsets.items())
+            self._requests.put(_Request("store", offsets=items))
+
+    def stop_polling(self) -> None:
+        """Stop fetching new messages (pause everything, for good); rebalances are served."""
+        self._requests.put(_Request("pause"))
+        self._requests.put(_Request("drain"))
+
+    async def close(self, final_offsets: dict[Partition, int]) -> None:
+        """Commit `final_offsets` and leave the group. Returns once the thread is done."""
+        self.store(final_offsets)
+        self._closed.set()
+        if self._thread is not None:
+            # Join off the loop: the thread may still call back into it during close.
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    @property
+    def assigned(self) -> frozenset[Partition]:
+        return frozenset(self._assigned)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the consumer thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._closed.is_set():
+                self._apply_requests()
+                # While draining every partition is paused, but polling goes on: it serves
+                # rebalance callbacks, and anything already fetched is still handed over
+                # (dropping a message would let a later offset be committed past it).
+                messages = self._consumer.consume(
+                    num_messages=self._settings.consumer.poll_batch,
+                    timeout=self.POLL_TIMEOUT_S,
+                )
+                self._metrics.last_poll.set_to_current_time()
+                good = [m for m in messages if not self._is_error(m)]
+                if good:
+                    self._call_soon(self._handler.on_messages, good)
+            self._apply_requests()
+            self._commit_sync()
+        except KafkaException as exc:
+            self.fatal_error = exc
+            log.error("kafka consumer failed", extra={"error": str(exc)})
+        finally:
+            self._consumer.close()
+            self._call_soon(lambda: None)
+
+    def _is_error(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return False
+        if error.code() == KafkaError._PARTITION_EOF:
+            return True
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("kafka consumer error", extra={"error": error.str()})
+        return True
+
+    def _apply_requests(self) -> None:
+        to_store: dict[Partition, int] = {}
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if request.kind == "pause":
+                self._want_paused = True
+                self._pause(self._assigned - self._paused)
+            elif request.kind == "drain":
+                self._draining = True
+            elif request.kind == "resume" and not self._draining:
+                self._want_paused = False
+                self._resume(set(self._paused))
+            elif request.kind == "store":
+                for topic, partition, offset in request.offsets:
+                    if (topic, partition) in self._assigned:
+                        to_store[(topic, partition)] = offset
+        if to_store:
+            self._consumer.store_offsets(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in to_store.items()]
+            )
+
+    def _pause(self, partitions: set[Partition]) -> None:
+        if partitions:
+            self._consumer.pause([TopicPartition(t, p) for t, p in partitions])
+            self._paused |= partitions
+            self._metrics.paused_partitions.set(len(self._paused))
+
+    def _resume(self, partitions: set[Partition]) -> None:
+        if partitions:
+            self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
+            self._paused -= partitions
+            self._metrics.paused_partitions.set(len(self._paused))
+
+    def _commit_sync(self) -> None:
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("final commit failed", extra={"error": str(exc)})
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # -- rebalance callbacks (on the consumer thread, inside consume()) ------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assigned = [(tp.topic, tp.partition) for tp in partitions]
+        self._assigned.update(assigned)
+        self._metrics.assigned_partitions.set(len(self._assigned))
+        if self._want_paused:
+            # Assigned after a pause request: pause once librdkafka has assigned them.
+            self._requests.put(_Request("pause"))
+        log.info("partitions assigned", extra={"partitions": _fmt(assigned)})
+        self._call_soon(self._handler.on_assigned, assigned)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = [(tp.topic, tp.partition) for tp in partitions]
+        assert self._loop is not None
+        offsets: dict[Partition, int] = {}
+        if not self._loop.is_closed():
+            future = asyncio.run_coroutine_threadsafe(self._handler.on_revoked(revoked), self._loop)
+            offsets = future.result()
+        self._apply_requests()
+        if offsets:
+            commit = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            try:
+                consumer.commit(offsets=commit, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("commit on revoke failed", extra={"error": str(exc)})
+        self._forget(revoked)
+        log.info("partitions revoked", extra={"partitions": _fmt(revoked)})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        lost = [(tp.topic, tp.partition) for tp in partitions]
+        self._forget(lost)
+        log.warning(
+            "partitions lost; their in-flight work is dropped", extra={"partitions": _fmt(lost)}
+        )
+        self._call_soon(self._handler.on_lost, lost)
+
+    def _forget(self, partitions: list[Partition]) -> None:
+        self._assigned.difference_update(partitions)
+        self._paused.difference_update(partitions)
+        self._metrics.assigned_partitions.set(len(self._assigned))
+        self._metrics.paused_partitions.set(len(self._paused))
+        for topic, partition in partitions:
+            if (topic, partition) in self._lag_labels:
+                self._lag_labels.discard((topic, partition))
+                self._metrics.consumer_lag.remove(topic, str(partition))
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def _on_stats(self, raw: str) -> None:
+        """librdkafka statistics: consumer lag per assigned partition."""
+        stats = json.loads(raw)
+        for topic, tstats in stats.get("topics", {}).items():
+            for pid, pstats in tstats.get("partitions", {}).items():
+                partition = int(pid)
+                if partition < 0 or (topic, partition) not in self._assigned:
+                    continue
+                lag = pstats.get("consumer_lag", -1)
+                if lag is not None and lag >= 0:
+                    self._lag_labels.add((topic, partition))
+                    self._metrics.consumer_lag.labels(topic=topic, partition=pid).set(lag)
+
+
+def _fmt(partitions: Sequence[Partition]) -> str:
+    return ",".join(f"{t}[{p}]" for t, p in sorted(partitions))

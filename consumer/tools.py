@@ -1,0 +1,221 @@
+"""Operator tools: replay the dead-letter topic; publish sample events and show the answers.
+
+Both are plain synchronous Kafka clients; they share the service's settings and codec.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from consumer.app import make_codec
+from consumer.events import (
+    EventCodec,
+    ListingImageUploaded,
+    parse_dlq_headers,
+    without_dlq_headers,
+)
+from consumer.publish import producer_config
+from consumer.settings import Settings
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def replay_dlq(
+    settings: Settings,
+    *,
+    reasons: Sequence[str] | None = None,
+    limit: int | None = None,
+    dry_run: bool = False,
+    group: str = "category-suggester-replay",
+) -> int:
+    """Re-publish DLQ records (key and value unchanged) into the input topic.
+
+    Reads from the replayer group's committed position up to the end as it was at the
+    start, so a second run replays only what arrived since. Returns the count replayed.
+    """
+    kafka = settings.kafka
+    conf = kafka.common_config() | {
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+    }
+    consumer = Consumer(conf)
+    producer = Producer(producer_config(settings))
+    replayed = 0
+    try:
+        metadata = consumer.list_topics(kafka.dlq_topic, timeout=10)
+        partitions = metadata.topics[kafka.dlq_topic].partitions
+        ends = {}
+        for p in partitions:
+            _low, high = consumer.get_watermark_offsets(TopicPartition(kafka.dlq_topic, p), 10)
+            ends[p] = high
+        consumer.assign([TopicPartition(kafka.dlq_topic, p) for p in partitions])
+        committed = consumer.committed([TopicPartition(kafka.dlq_topic, p) for p in partitions], 10)
+        position = {tp.partition: max(tp.offset, 0) for tp in committed}
+        while any(position[p] < ends[p] for p in partitions) and (
+            limit is None or replayed < limit
+        ):
+            message = consumer.poll(1.0)
+            if message is None:
+                continue
+            if message.error():
+                if message.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise RuntimeError(f"reading the DLQ failed: {message.error()}")
+            position[message.partition()] = message.offset() + 1
+            info = parse_dlq_headers(message.headers() or [])
+            if reasons and info.reason not in reasons:
+                continue
+            verb = "would replay" if dry_run else "replay"
+            print(
+                f"{verb} {message.topic()}[{message.partition()}]@{message.offset()}"
+                f" reason={info.reason} stage={info.stage}"
+            )
+            replayed += 1
+            if not dry_run:
+                headers = without_dlq_headers(message.headers())
+                producer.produce(
+                    kafka.input_topic, key=message.key(), value=message.value(), headers=headers
+                )
+        if not dry_run:
+            if producer.flush(30) != 0:
+                raise RuntimeError("replayed records were not all acknowledged; nothing committed")
+            consumer.commit(
+                offsets=[TopicPartition(kafka.dlq_topic, p, o) for p, o in position.items()],
+                asynchronous=False,
+            )
+    finally:
+        consumer.close()
+    return replayed
+
+
+def _image_urls(source: str, host: str, port: int) -> tuple[list[str], Path | None]:
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SystemExit(f"no .jpg/.png/.webp images under {path}")
+        urls = [f"http://{host}:{port}/{f.relative_to(path).as_posix()}" for f in files]
+        return urls, path
+    lines = path.read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")], None
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _serve(folder: Path, host: str, port: int) -> http.server.ThreadingHTTPServer:
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer((host, port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _cycle(urls: list[str], count: int) -> Iterator[str]:
+    for i in range(count):
+        yield urls[i % len(urls)]
+
+
+def produce_sample(
+    settings: Settings,
+    *,
+    source: str,
+    host: str,
+    port: int,
+    count: int | None,
+    wait_s: float,
+) -> bool:
+    """Publish one event per image; print each answer (suggestion or DLQ record).
+
+    A folder is served over HTTP on host:port for as long as the answers are awaited;
+    the service must list it in SUGGESTER_FETCH__ALLOWED_HOSTS. Returns True when every
+    event was answered within `wait_s` (or when not waiting).
+    """
+    kafka = settings.kafka
+    codec = make_codec(settings)
+    urls, folder = _image_urls(source, host, port)
+    server = _serve(folder, host, port) if folder is not None else None
+    watcher = Consumer(
+        kafka.common_config()
+        | {
+            "group.id": f"produce-sample-{uuid.uuid4()}",
+            "auto.offset.reset": "latest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        watcher.subscribe([kafka.output_topic, kafka.dlq_topic])
+        _wait_for_assignment(watcher)
+        producer = Producer(producer_config(settings))
+        sent: dict[str, str] = {}
+        for url in _cycle(urls, count or len(urls)):
+            event = ListingImageUploaded(
+                event_id=uuid.uuid4(),
+                listing_id=f"listing-{uuid.uuid4().hex[:12]}",
+                image_id=f"image-{uuid.uuid4().hex[:12]}",
+                image_url=url,
+                uploaded_at=datetime.now(UTC),
+            )
+            producer.produce(
+                kafka.input_topic, key=event.listing_id.encode(), value=codec.encode_uploaded(event)
+            )
+            sent[event.listing_id] = url
+        if producer.flush(30) != 0:
+            raise RuntimeError("sample events were not acknowledged by the broker")
+        print(f"published {len(sent)} event(s) to {kafka.input_topic}")
+        if wait_s <= 0:
+            return True
+        return _print_answers(watcher, codec, sent, kafka.output_topic, wait_s)
+    finally:
+        watcher.close()
+        if server is not None:
+            server.shutdown()
+
+
+def _wait_for_assignment(consumer: Consumer, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not consumer.assignment():
+        if time.monotonic() > deadline:
+            raise RuntimeError("no partitions assigned to the answer watcher")
+        consumer.poll(0.2)
+
+
+def _print_answers(
+    watcher: Consumer, codec: EventCodec, sent: dict[str, str], output_topic: str, wait_s: float
+) -> bool:
+    pending = dict(sent)
+    deadline = time.monotonic() + wait_s
+    while pending and time.monotonic() < deadline:
+        message = watcher.poll(0.5)
+        if message is None or message.error():
+            continue
+        key = (message.key() or b"").decode(errors="replace")
+        if key not in pending:
+            continue
+        url = pending.pop(key)
+        if message.topic() == output_topic:
+            s = codec.decode_suggestion(message.value() or b"")
+            flag = "confident" if s.confident else "not confident"
+            print(
+                f"{key}: {s.category} {s.score:.3f} ({flag}) in {s.timings.total_ms:.0f} ms"
+                f"  <- {url}"
+            )
+        else:
+            info = parse_dlq_headers(message.headers() or [])
+            print(f"{key}: DLQ stage={info.stage} reason={info.reason}: {info.message}  <- {url}")
+    for key, url in pending.items():
+        print(f"{key}: no answer within {wait_s:.0f} s  <- {url}")
+    return not pending
