@@ -1,0 +1,3 @@
+"""category-suggester: listing photos in, product-category suggestions out (Kafka + Triton)."""
+
+__version__ = "0.1.0"
