@@ -1,0 +1,1 @@
+"""Training side: the model, its ONNX export and the Triton model repositories."""

@@ -1,0 +1,257 @@
+"""The classifier and the graph Triton serves (DESIGN.md, "Model contract").
+
+- `build_model(num_classes, weights=...)` returns a torchvision ResNet-34 whose head has
+  `num_classes` outputs: randomly initialised, from ImageNet (torchvision's weights API, then
+  a new head), or from one of our checkpoints. It raises `FileNotFoundError` for a missing
+  checkpoint and `ValueError` when a checkpoint does not fit the architecture.
+- `ServingModel(classifier)` is what gets exported: uint8 NHWC RGB `[B, S, S, 3]` in, FP32
+  class probabilities `[B, C]` out. Scaling, ImageNet normalisation and softmax live inside
+  the graph, so clients send raw pixels and no preprocessing constant leaks out of it.
+- `export_onnx(classifier, path)` writes that graph as one self-contained ONNX file with
+  input `image` (UINT8, `[batch, S, S, 3]`) and output `probabilities` (FP32, `[batch, C]`),
+  the batch dimension dynamic, and checks it with `onnx.checker`.
+- `read_onnx_contract(path)` reads S and C back from such a file and raises
+  `OnnxContractError` when the file breaks the contract.
+- `read_labels` / `write_labels` / `format_labels`: `labels.txt`, one class name per line,
+  in output order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, cast
+
+import onnx
+import torch
+import torchvision
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME: Final = "image"
+OUTPUT_NAME: Final = "probabilities"
+DEFAULT_IMAGE_SIZE: Final = 112
+DEFAULT_LABELS: Final[tuple[str, ...]] = ("books", "car", "furniture", "mobile", "motorcycle")
+# torch's ONNX exporter (torch.export based) implements opset 18 and later only.
+DEFAULT_OPSET: Final = 18
+IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
+IMAGENET_STD: Final = (0.229, 0.224, 0.225)
+
+# The largest batch the exported graph is declared for; Triton's max_batch_size is far below.
+_MAX_EXPORT_BATCH: Final = 4096
+
+
+class OnnxContractError(ValueError):
+    """An ONNX file does not have the input and output the serving contract names."""
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """Class names from a labels file, one per line, in the model's output order.
+
+    Blank lines and surrounding whitespace are ignored. Raises `ValueError` for an empty
+    file or a repeated name.
+    """
+    labels = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    labels = [label for label in labels if label]
+    _check_labels(labels, source=str(path))
+    return labels
+
+
+def format_labels(labels: Sequence[str]) -> str:
+    """The labels file's text; raises `ValueError` for names that would not read back."""
+    _check_labels(labels, source="labels")
+    for label in labels:
+        if not label or label != label.strip() or "\n" in label or "\r" in label:
+            raise ValueError(f"label {label!r} is empty, padded or spans lines")
+    return "".join(f"{label}\n" for label in labels)
+
+
+def write_labels(path: str | Path, labels: Sequence[str]) -> None:
+    """Write class names one per line (see `format_labels`)."""
+    Path(path).write_text(format_labels(labels), encoding="utf-8")
+
+
+def _check_labels(labels: Sequence[str], *, source: str) -> None:
+    if not labels:
+        raise ValueError(f"{source}: no labels")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"{source}: repeated labels {duplicates}")
+
+
+def build_model(num_classes: int, *, weights: str | Path | None = None) -> nn.Module:
+    """A ResNet-34 with a `num_classes`-way head.
+
+    `weights`:
+    - `None`: random initialisation (logged as a warning: such a model predicts noise).
+    - `"imagenet"`: torchvision's `ResNet34_Weights.IMAGENET1K_V1` (downloaded to the torch
+      hub cache on first use), then the 1000-way head is replaced by a fresh one.
+    - a path: one of our checkpoints, either a dict holding `"model_state"` or a bare
+      state_dict, loaded strictly (every key must fit this architecture and class count).
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    if weights is None:
+        logger.warning(
+            "RANDOMLY INITIALISED ResNet-34 (%d classes): no checkpoint or pretrained weights "
+            "were given, so its predictions are noise. Use it only to exercise the pipeline.",
+            num_classes,
+        )
+        random_init: nn.Module = torchvision.models.resnet34(weights=None, num_classes=num_classes)
+        return random_init
+    if isinstance(weights, str) and weights == "imagenet":
+        model: nn.Module = torchvision.models.resnet34(
+            weights=torchvision.models.ResNet34_Weights.IMAGENET1K_V1
+        )
+        model.fc = nn.Linear(cast(nn.Linear, model.fc).in_features, num_classes)
+        logger.info("ResNet-34 from ImageNet weights with a new %d-way head", num_classes)
+        return model
+    return _from_checkpoint(Path(weights), num_classes)
+
+
+def _from_checkpoint(path: Path, num_classes: int) -> nn.Module:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    # weights_only: a checkpoint is data; unpickling arbitrary objects would run code.
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    state = loaded.get("model_state", loaded) if isinstance(loaded, Mapping) else None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(value, torch.Tensor) for value in state.values()
+    ):
+        raise ValueError(f"{path} holds neither a state_dict nor a dict with 'model_state'")
+    model: nn.Module = torchvision.models.resnet34(weights=None, num_classes=num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{path} does not fit a ResNet-34 with {num_classes} classes: {exc}"
+        ) from exc
+    logger.info("ResNet-34 (%d classes) loaded from %s", num_classes, path)
+    return model
+
+
+class ServingModel(nn.Module):
+    """uint8 NHWC RGB `[B, S, S, 3]` -> FP32 probabilities `[B, C]` around a classifier."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+        # Not persistent: the constants belong to the contract, not to a training checkpoint.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        pixels = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        normalised = (pixels - self.mean) / self.std
+        logits: torch.Tensor = self.classifier(normalised)
+        return torch.softmax(logits, dim=1)
+
+
+def export_onnx(
+    classifier: nn.Module,
+    path: str | Path,
+    *,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    opset: int = DEFAULT_OPSET,
+) -> None:
+    """Export `ServingModel(classifier)` in eval mode to one ONNX file at `path`.
+
+    The file is written next to its destination and renamed into place, so a reader never
+    sees half of it. The classifier's train/eval mode is restored afterwards. Raises
+    `onnx.checker.ValidationError` or `OnnxContractError` if the result is invalid.
+    """
+    path = Path(path)
+    if image_size < 32:
+        raise ValueError(f"image_size {image_size} is below ResNet-34's minimum of 32")
+    was_training = classifier.training
+    serving = ServingModel(classifier).eval()
+    device = next(classifier.parameters()).device
+    serving.to(device)
+    # Two images: a batch of one would let torch.export specialise the batch dimension.
+    example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8, device=device)
+    batch = torch.export.Dim("batch", min=1, max=_MAX_EXPORT_BATCH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                serving,
+                (example,),
+                tmp,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={"image": {0: batch}},
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        onnx.checker.check_model(str(tmp), full_check=True)
+        read_onnx_contract(tmp)
+        # mkstemp creates 0600; the server may run as another user (a mounted repository).
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        classifier.train(was_training)
+    logger.info("exported %s (image %dx%d, opset %d)", path, image_size, image_size, opset)
+
+
+@dataclass(frozen=True)
+class OnnxContract:
+    """What an exported file declares: its image side S and its class count C."""
+
+    image_size: int
+    num_classes: int
+
+
+def read_onnx_contract(path: str | Path) -> OnnxContract:
+    """Check the file's input and output against the contract and return S and C."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
+        raise OnnxContractError(
+            f"{path}: inputs {[i.name for i in inputs]} and outputs "
+            f"{[o.name for o in graph.output]}, expected [{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]"
+        )
+    image = _tensor_signature(inputs[0])
+    probabilities = _tensor_signature(graph.output[0])
+    if image[0] != onnx.TensorProto.UINT8 or len(image[1]) != 4:
+        raise OnnxContractError(f"{path}: input {INPUT_NAME!r} must be UINT8 of rank 4")
+    batch_in, height, width, channels = image[1]
+    dynamic_batch = isinstance(batch_in, str)
+    if not dynamic_batch or not isinstance(height, int) or height != width or channels != 3:
+        raise OnnxContractError(
+            f"{path}: input shape {image[1]} is not [batch, S, S, 3] with a dynamic batch"
+        )
+    if probabilities[0] != onnx.TensorProto.FLOAT or len(probabilities[1]) != 2:
+        raise OnnxContractError(f"{path}: output {OUTPUT_NAME!r} must be FP32 of rank 2")
+    batch_out, num_classes = probabilities[1]
+    if not isinstance(batch_out, str) or not isinstance(num_classes, int):
+        raise OnnxContractError(
+            f"{path}: output shape {probabilities[1]} is not [batch, C] with a dynamic batch"
+        )
+    return OnnxContract(image_size=height, num_classes=num_classes)
+
+
+def _tensor_signature(value: onnx.ValueInfoProto) -> tuple[int, list[int | str | None]]:
+    tensor = value.type.tensor_type
+    dims: list[int | str | None] = []
+    for dim in tensor.shape.dim:
+        kind: Literal["dim_value", "dim_param"] | None = dim.WhichOneof("value")
+        dims.append(
+            dim.dim_value if kind == "dim_value" else dim.dim_param if kind == "dim_param" else None
+        )
+    return tensor.elem_type, dims
