@@ -1,0 +1,71 @@
+"""Postprocess: one image's class probabilities into a category suggestion.
+
+Takes the probability row the model returned for one image (shape `(C,)`), the model's C
+class names in output order and the confidence threshold; returns a `Prediction` with every
+class and its score sorted by score descending (ties keep the model's class order), the top
+category and score, and `confident = score >= threshold`. Pure: no I/O, no state.
+
+Raises `ModelContractError` when the row does not fit the contract (not one dimension, a
+length other than the number of labels, or a NaN or infinite value): the served model is at
+fault, not the event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from consumer.errors import ModelContractError
+
+
+@dataclass(frozen=True, slots=True)
+class CategoryScore:
+    category: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The suggestion for one image.
+
+    `scores` holds every class, highest score first; `category` and `score` are its first
+    entry; `confident` says whether `score` reached the threshold.
+    """
+
+    category: str
+    score: float
+    confident: bool
+    scores: tuple[CategoryScore, ...]
+
+
+def postprocess(
+    probabilities: npt.NDArray[np.floating[Any]], labels: Sequence[str], threshold: float
+) -> Prediction:
+    """Rank the classes of one probability row; see the module docstring for the contract."""
+    if probabilities.ndim != 1:
+        raise ModelContractError(
+            f"expected one image's probabilities of shape (C,), got shape {probabilities.shape}"
+        )
+    if probabilities.shape[0] != len(labels):
+        raise ModelContractError(
+            f"the model returned {probabilities.shape[0]} class scores but has {len(labels)} labels"
+        )
+    if len(labels) == 0:
+        raise ModelContractError("the model has no classes")
+    if not np.all(np.isfinite(probabilities)):
+        raise ModelContractError(f"the model returned non-finite scores: {probabilities.tolist()}")
+    # A stable sort on the negated scores keeps the model's class order among equal scores,
+    # so the same row always yields the same ranking.
+    order = np.argsort(-probabilities.astype(np.float64), kind="stable")
+    scores = tuple(CategoryScore(labels[i], float(probabilities[i])) for i in order)
+    top = scores[0]
+    return Prediction(
+        category=top.category,
+        score=top.score,
+        confident=top.score >= threshold,
+        scores=scores,
+    )
