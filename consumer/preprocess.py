@@ -73,6 +73,10 @@ PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024
 # first (and is an exception under pytest's warnings-as-errors), so make it an exception
 # everywhere and turn it into ImageDecodeError below. Process-wide, set once on purpose.
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+# Pillow reports some damage it recovers from (a corrupt EXIF block, an invalid APNG
+# animation chunk) as UserWarnings and carries on. Untrusted photos are often like that;
+# the outcome (pixels or ImageDecodeError) is what counts, so keep them out of the logs.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
 
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSE_FOR_ORIENTATION: dict[int, Image.Transpose] = {
@@ -87,8 +91,17 @@ _TRANSPOSE_FOR_ORIENTATION: dict[int, Image.Transpose] = {
 
 # What Pillow raises on malformed input: UnidentifiedImageError and "image file is
 # truncated" are OSErrors; broken PNG chunks raise SyntaxError or ValueError; short
-# reads raise EOFError or struct.error; corrupt deflate streams raise zlib.error.
-_PILLOW_INPUT_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+# reads raise EOFError or struct.error; corrupt deflate streams raise zlib.error. Where
+# the process runs with warnings as errors, recovered damage raises UserWarning instead.
+_PILLOW_INPUT_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    UserWarning,
+)
 
 _WHITE = (255, 255, 255)
 
