@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from consumer.errors import InferenceUnavailableError, ModelContractError
@@ -286,8 +287,28 @@ class TritonClassifier:
     def _get_client(self) -> TritonClient:
         if self._client is None:
             # Created lazily so that the gRPC channel binds to the running event loop.
-            self._client = grpcclient.aio.InferenceServerClient(self._settings.url)
+            self._client = grpcaio.InferenceServerClient(
+                self._settings.url, channel_args=self._channel_args()
+            )
         return self._client
+
+    def _channel_args(self) -> list[tuple[str, int]]:
+        keepalive = grpcclient.KeepAliveOptions()
+        reconnect_max_ms = max(100, int(self._settings.retry_backoff_max_s * 1000))
+        return [
+            # tritonclient's own defaults (passing channel_args replaces all of them)...
+            ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", int(keepalive.keepalive_permit_without_calls)),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            # ...plus a cap on the channel's reconnect backoff, which otherwise grows to 120 s:
+            # after a long outage the channel would stay down that long after Triton is back,
+            # failing every retry fast.
+            ("grpc.initial_reconnect_backoff_ms", min(1000, reconnect_max_ms)),
+            ("grpc.max_reconnect_backoff_ms", reconnect_max_ms),
+        ]
 
     def _backoff_s(self, attempt: int) -> float:
         ceiling = min(
