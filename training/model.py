@@ -149,7 +149,9 @@ class ServingModel(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        pixels = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        # Cast before anything else: TensorRT takes uint8 only as a network input feeding a
+        # cast, so this keeps the whole graph, input included, in one TensorRT engine.
+        pixels = image.to(torch.float32).permute(0, 3, 1, 2) / 255.0
         normalised = (pixels - self.mean) / self.std
         logits: torch.Tensor = self.classifier(normalised)
         return torch.softmax(logits, dim=1)
