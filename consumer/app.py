@@ -92,6 +92,7 @@ class Pipeline:
         self._model = model
         # Set when the shutdown grace period is over: retries of outages give up then.
         self._stop = stop
+        self._fetch_slots = asyncio.Semaphore(settings.fetch.concurrency)
         self._tracker = OffsetTracker()
         self._tasks: dict[Partition, dict[int, asyncio.Task[None]]] = defaultdict(dict)
         self._inflight = 0
@@ -210,12 +211,13 @@ class Pipeline:
         try:
             event = self._codec.decode_uploaded(message.value() or b"")
             started = time.perf_counter()
-            fetched = await self._fetcher.fetch(event.image_url)
+            async with self._fetch_slots:
+                fetched = await self._fetcher.fetch(event.image_url)
             watch.fetch_s = time.perf_counter() - started
             watch.attempts = fetched.attempts
             image, watch.decode_s = await self._decoder.decode(fetched.data, self._model.image_size)
             result = await self._batcher.submit(image)
-            watch.queue_s, watch.infer_s = result.queue_seconds, result.infer_seconds
+            watch.queue_s, watch.infer_s = result.queue_s, result.infer_s
             prediction = postprocess(
                 result.probabilities,
                 self._model.labels,
@@ -234,7 +236,9 @@ class Pipeline:
             image_id=event.image_id,
             category=prediction.category,
             score=prediction.score,
-            scores=tuple(CategoryScore(category=c, score=s) for c, s in prediction.scores),
+            scores=tuple(
+                CategoryScore(category=s.category, score=s.score) for s in prediction.scores
+            ),
             confident=prediction.confident,
             confidence_threshold=self._settings.postprocess.confidence_threshold,
             model_name=self._model.name,
@@ -272,8 +276,7 @@ class Pipeline:
             attempts=attempts,
             service_version=__version__,
         )
-        original = [(k, v) for k, v in without_dlq_headers(message.headers()) if v is not None]
-        headers = original + dlq_headers(info)
+        headers = original_headers(message) + dlq_headers(info)
         await self._publish(
             self._settings.kafka.dlq_topic, message.key(), message.value() or b"", headers
         )
@@ -311,6 +314,14 @@ class Pipeline:
                 )
                 await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
                 delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+
+
+def original_headers(message: Message) -> list[tuple[str, bytes]]:
+    """The message's headers as a list, less any `dlq.*` ones from an earlier trip."""
+    raw = message.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    as_bytes = [(k, v.encode() if isinstance(v, str) else v) for k, v in pairs]
+    return [(k, v) for k, v in without_dlq_headers(as_bytes) if v is not None]
 
 
 async def _wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
@@ -355,7 +366,7 @@ class Service:
     async def run(self) -> None:
         settings = self.settings
         metrics = self.metrics
-        classifier = TritonClassifier(settings.triton, metrics)
+        classifier = TritonClassifier(settings.triton, metrics, stop=self._give_up)
         self._classifier = classifier
         self.health = HealthServer(
             self.registry,
@@ -365,7 +376,7 @@ class Service:
             port=settings.observability.port,
         )
         await self.health.start()
-        model = await classifier.connect(stop=self._give_up)
+        model = await classifier.connect()
         metrics.build_info.info(
             {"version": __version__, "model_name": model.name, "model_version": model.version}
         )
@@ -377,8 +388,10 @@ class Service:
         await asyncio.to_thread(codec.prepare)
         publisher = Publisher(settings)
         publisher.start()
-        async with ImageFetcher(settings.fetch) as fetcher, Decoder(settings.decode) as decoder:
-            batcher = Batcher(classifier, settings.triton, metrics, model.max_batch_size)
+        async with contextlib.AsyncExitStack() as resources:
+            decoder = resources.enter_context(Decoder(settings.decode))
+            fetcher = await resources.enter_async_context(ImageFetcher(settings.fetch))
+            batcher = Batcher(classifier, model, settings.triton, metrics)
             pipeline = Pipeline(
                 settings,
                 metrics,

@@ -16,12 +16,11 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from consumer.app import make_codec
+from consumer.app import make_codec, original_headers
 from consumer.events import (
     EventCodec,
     ListingImageUploaded,
     parse_dlq_headers,
-    without_dlq_headers,
 )
 from consumer.publish import producer_config
 from consumer.settings import Settings
@@ -68,11 +67,12 @@ def replay_dlq(
             message = consumer.poll(1.0)
             if message is None:
                 continue
-            if message.error():
-                if message.error().code() == KafkaError._PARTITION_EOF:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
                     continue
-                raise RuntimeError(f"reading the DLQ failed: {message.error()}")
-            position[message.partition()] = message.offset() + 1
+                raise RuntimeError(f"reading the DLQ failed: {error}")
+            position[message.partition() or 0] = (message.offset() or 0) + 1
             info = parse_dlq_headers(message.headers() or [])
             if reasons and info.reason not in reasons:
                 continue
@@ -83,9 +83,11 @@ def replay_dlq(
             )
             replayed += 1
             if not dry_run:
-                headers = without_dlq_headers(message.headers())
                 producer.produce(
-                    kafka.input_topic, key=message.key(), value=message.value(), headers=headers
+                    kafka.input_topic,
+                    key=message.key(),
+                    value=message.value(),
+                    headers=list(original_headers(message)),
                 )
         if not dry_run:
             if producer.flush(30) != 0:
