@@ -336,7 +336,10 @@ def render_committed(repo_root: Path = COMMITTED_ROOT) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.repository", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.repository",
+        description="Give the Triton repositories a first version, or re-render their configs.",
+    )
     parser.add_argument("--repository", type=Path, default=COMMITTED_ROOT, help="repository root")
     commands = parser.add_subparsers(dest="command", required=True)
     boot = commands.add_parser("bootstrap", help="add version 1 when the CPU repository has none")

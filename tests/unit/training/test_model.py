@@ -39,6 +39,7 @@ from training.repository import (
     KINDS,
     MODEL_NAME,
     add_version,
+    bootstrap,
     latest_version,
     model_dir,
     render_config,
@@ -312,6 +313,12 @@ def test_add_version_refuses_a_model_that_disagrees(tmp_path: Path, onnx_file: P
     with pytest.raises(ValueError, match="224"):
         add_version(tmp_path, "cpu", onnx_file, list(DEFAULT_LABELS), image_size=224)
     assert latest_version(tmp_path, "cpu") is None
+
+
+def test_bootstrap_leaves_a_served_repository_alone(tmp_path: Path) -> None:
+    (model_dir(tmp_path, "cpu") / "3").mkdir(parents=True)
+    assert bootstrap(tmp_path) == {"cpu": 3, "gpu": None}
+    assert sorted(p.name for p in model_dir(tmp_path, "cpu").iterdir()) == ["3"]
 
 
 # The Python-backend model, run outside Triton with a stand-in for its utility module: the
