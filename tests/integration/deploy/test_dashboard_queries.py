@@ -114,6 +114,8 @@ def test_every_panel_query_returns_series(
     # Prometheus has scraped both after every event was answered.
     prom.wait_for(f'sum(suggester_events_total{{job="category-suggester"}}) >= {len(urls)}')
     prom.wait_for('sum(nv_inference_exec_count{job="triton"}) > 0')
+    # Lag comes from librdkafka's statistics, every few seconds.
+    prom.wait_for('suggester_consumer_lag{job="category-suggester"}')
 
     gpu_metrics = prom.query('count({__name__=~"nv_gpu_.*"})')
     empty = []
