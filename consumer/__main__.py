@@ -10,6 +10,7 @@ import sys
 from pydantic import ValidationError
 
 from consumer import logs
+from consumer.errors import SuggesterError
 from consumer.settings import Settings
 
 
@@ -27,7 +28,12 @@ async def _run_service(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_shutdown)
-    await service.run()
+    try:
+        await service.run()
+    except SuggesterError as exc:
+        sys.exit(f"could not start: {exc.message}")
+    if service.failure is not None:
+        sys.exit(f"stopped: {service.failure.message}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -81,8 +81,10 @@ class Pipeline:
         publisher: Publisher,
         model: ModelInfo,
         stop: asyncio.Event,
+        on_fatal: Callable[[SuggesterError], None],
     ) -> None:
         self._settings = settings
+        self._on_fatal = on_fatal
         self._metrics = metrics
         self._codec = codec
         self._fetcher = fetcher
@@ -182,7 +184,12 @@ class Pipeline:
                 except InfrastructureError as exc:
                     # A dependency is down: the event is not at fault. Try it again until
                     # shutdown gives up, then leave its offset unstored for redelivery.
-                    if self._stop.is_set():
+                    # A fault that retrying cannot mend (the model broke its contract)
+                    # stops the service instead.
+                    if not exc.retryable:
+                        log.error("fatal error; stopping", extra={"error": exc.message})
+                        self._on_fatal(exc)
+                    if self._stop.is_set() or not exc.retryable:
                         log.warning(
                             "event left for redelivery",
                             extra={"partition": tp[1], "offset": offset, "error": exc.message},
@@ -359,8 +366,14 @@ class Service:
         self.health: HealthServer | None = None
         self._source: KafkaSource | None = None
         self._classifier: TritonClassifier | None = None
+        # Set when a fault that retrying cannot mend stopped the service.
+        self.failure: SuggesterError | None = None
 
     def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    def _fatal(self, error: SuggesterError) -> None:
+        self.failure = error
         self._shutdown.set()
 
     async def run(self) -> None:
@@ -402,6 +415,7 @@ class Service:
                 publisher=publisher,
                 model=model,
                 stop=self._give_up,
+                on_fatal=self._fatal,
             )
             source = KafkaSource(settings, metrics, pipeline)
             pipeline.source = source
