@@ -1,0 +1,238 @@
+"""The pipeline's wiring with fakes for every I/O step: outcomes, offsets, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from confluent_kafka import Message
+from prometheus_client import CollectorRegistry
+
+from consumer.app import Pipeline
+from consumer.batch import BatchResult
+from consumer.errors import FetchRefusedError, InferenceUnavailableError, PublishError
+from consumer.events import EventCodec, parse_dlq_headers
+from consumer.fetch import FetchedImage
+from consumer.infer import ModelInfo
+from consumer.metrics import Metrics
+from consumer.settings import ConsumerSettings, Settings
+from tests.support.kafka import make_event
+
+LABELS = ("books", "car", "furniture", "mobile", "motorcycle")
+MODEL = ModelInfo("category_classifier", "3", 8, 4, LABELS)
+CODEC = EventCodec()
+TOPIC = "in"
+
+
+class FakeFetcher:
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def fetch(self, url: str) -> FetchedImage:
+        if url.startswith("http://refused"):
+            raise FetchRefusedError("private address", reason="address_refused")
+        if url in self.gates:
+            await self.gates[url].wait()
+        return FetchedImage(
+            data=b"\xff\xd8\xff", format="JPEG", final_url=url, status=200, attempts=1,
+            redirects=0, elapsed_s=0.01,
+        )  # fmt: skip
+
+
+class FakeDecoder:
+    async def decode(self, data: bytes, size: int) -> tuple[np.ndarray, float]:
+        return np.zeros((size, size, 3), np.uint8), 0.001
+
+
+class FakeBatcher:
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def submit(self, image: np.ndarray) -> BatchResult:
+        self.calls += 1
+        if self.failures > 0:
+            self.failures -= 1
+            raise InferenceUnavailableError("triton down")
+        probabilities = np.array([0.1, 0.6, 0.1, 0.1, 0.1], np.float32)
+        return BatchResult(probabilities, queue_s=0.002, infer_s=0.01, batch_size=1)
+
+
+@dataclass
+class FakePublisher:
+    failures: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    records: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = field(
+        default_factory=list
+    )
+
+    async def publish(self, topic, key, value, headers=()) -> None:  # type: ignore[no-untyped-def]
+        if self.failures > 0:
+            self.failures -= 1
+            raise PublishError("broker down")
+        self.records.append((topic, key, value, list(headers)))
+        self.changed.set()
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.records) < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+@dataclass
+class FakeSource:
+    stored: list[dict[tuple[str, int], int]] = field(default_factory=list)
+    pauses: int = 0
+    resumes: int = 0
+
+    def store(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.stored.append(dict(offsets))
+
+    def pause_all(self) -> None:
+        self.pauses += 1
+
+    def resume_all(self) -> None:
+        self.resumes += 1
+
+
+def message(offset: int, url: str = "http://origin/a.jpg", partition: int = 0) -> Message:
+    event = make_event(url, uploaded_at=datetime.now(UTC))
+    return Message(
+        topic=TOPIC, partition=partition, offset=offset, key=event.listing_id.encode(),
+        value=CODEC.encode_uploaded(event), headers=[("trace", b"abc")],
+    )  # fmt: skip
+
+
+def make_pipeline(
+    *,
+    fetcher: FakeFetcher | None = None,
+    batcher: FakeBatcher | None = None,
+    publisher: FakePublisher | None = None,
+    consumer: ConsumerSettings | None = None,
+) -> tuple[Pipeline, FakePublisher, FakeSource, Metrics]:
+    settings = Settings(
+        kafka={"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"},
+        triton={"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
+        consumer=consumer or ConsumerSettings(),
+    )
+    metrics = Metrics(CollectorRegistry())
+    publisher = publisher or FakePublisher()
+    pipeline = Pipeline(
+        settings,
+        metrics,
+        codec=CODEC,
+        fetcher=fetcher or FakeFetcher(),  # type: ignore[arg-type]
+        decoder=FakeDecoder(),  # type: ignore[arg-type]
+        batcher=batcher or FakeBatcher(),  # type: ignore[arg-type]
+        publisher=publisher,  # type: ignore[arg-type]
+        model=MODEL,
+        stop=asyncio.Event(),
+        on_fatal=lambda exc: None,
+    )
+    source = FakeSource()
+    pipeline.source = source  # type: ignore[assignment]
+    return pipeline, publisher, source, metrics
+
+
+async def test_good_and_bad_events_each_get_exactly_one_answer() -> None:
+    pipeline, publisher, source, metrics = make_pipeline()
+    good, refused = message(0), message(1, "http://refused/x.jpg")
+    garbage = Message(topic=TOPIC, partition=0, offset=2, key=b"k", value=b"\x00junk")
+    pipeline.on_messages([good, refused, garbage])
+    assert await pipeline.wait_idle(5)
+
+    by_topic: dict[str, list] = {}
+    for record in publisher.records:
+        by_topic.setdefault(record[0], []).append(record)
+    assert len(by_topic["out"]) == 1
+    assert len(by_topic["dlq"]) == 2
+    suggestion = CODEC.decode_suggestion(by_topic["out"][0][2])
+    assert suggestion.category == "car"
+    assert suggestion.model_version == "3"
+    assert suggestion.scores[0].category == "car"
+    assert by_topic["out"][0][1] == good.key()
+
+    dlq = {r[1]: r for r in by_topic["dlq"]}
+    refused_record = dlq[refused.key()]
+    assert refused_record[2] == refused.value()
+    assert ("trace", b"abc") in refused_record[3]
+    assert parse_dlq_headers(refused_record[3]).reason == "address_refused"
+    assert parse_dlq_headers(dlq[b"k"][3]).stage == "decode_event"
+
+    assert source.stored[-1] == {(TOPIC, 0): 3}
+    assert metrics.events.labels(outcome="suggested")._value.get() == 1
+    assert metrics.events.labels(outcome="dead_lettered")._value.get() == 2
+
+
+async def test_offsets_are_stored_only_past_finished_prefixes() -> None:
+    fetcher = FakeFetcher()
+    fetcher.gates["http://origin/slow.jpg"] = gate = asyncio.Event()
+    pipeline, publisher, source, _ = make_pipeline(fetcher=fetcher)
+    pipeline.on_messages([message(10, "http://origin/slow.jpg"), message(11), message(12)])
+    publisher.changed = asyncio.Event()
+    await asyncio.wait_for(publisher.wait_for(2), 5)
+    assert source.stored == []  # 11 and 12 are done, but 10 is not
+    gate.set()
+    assert await pipeline.wait_idle(5)
+    assert source.stored == [{(TOPIC, 0): 13}]
+
+
+async def test_outages_are_retried_in_place_and_never_dead_lettered() -> None:
+    batcher = FakeBatcher(failures=3)
+    publisher = FakePublisher(failures=2)
+    pipeline, publisher, source, metrics = make_pipeline(batcher=batcher, publisher=publisher)
+    pipeline.on_messages([message(0)])
+    assert await pipeline.wait_idle(5)
+    assert [r[0] for r in publisher.records] == ["out"]
+    assert batcher.calls == 4
+    assert metrics.retries.labels(stage="infer")._value.get() == 3
+    assert metrics.retries.labels(stage="publish")._value.get() == 2
+    assert source.stored == [{(TOPIC, 0): 1}]
+
+
+async def test_partitions_pause_at_the_high_mark_and_resume_at_the_low_mark() -> None:
+    fetcher = FakeFetcher()
+    fetcher.gates["http://origin/held.jpg"] = gate = asyncio.Event()
+    pipeline, _, source, _ = make_pipeline(
+        fetcher=fetcher, consumer=ConsumerSettings(max_inflight=4, resume_inflight=1)
+    )
+    pipeline.on_messages([message(i, "http://origin/held.jpg") for i in range(4)])
+    assert source.pauses == 1
+    gate.set()
+    assert await pipeline.wait_idle(5)
+    assert source.resumes == 1
+
+
+async def test_revoke_waits_for_the_moving_partitions_work_then_returns_its_offsets() -> None:
+    fetcher = FakeFetcher()
+    fetcher.gates["http://origin/held.jpg"] = gate = asyncio.Event()
+    pipeline, _, _, _ = make_pipeline(fetcher=fetcher)
+    pipeline.on_messages([message(0, partition=1), message(1, "http://origin/held.jpg", 1)])
+    revoke = asyncio.create_task(pipeline.on_revoked([(TOPIC, 1)]))
+    await asyncio.sleep(0)
+    assert not revoke.done()
+    gate.set()
+    assert await revoke == {(TOPIC, 1): 2}
+
+
+async def test_a_stuck_event_is_abandoned_after_the_grace_period_without_its_offset() -> None:
+    fetcher = FakeFetcher()
+    fetcher.gates["http://origin/held.jpg"] = asyncio.Event()  # never set
+    pipeline, _, _, _ = make_pipeline(
+        fetcher=fetcher, consumer=ConsumerSettings(shutdown_grace_s=0.05)
+    )
+    pipeline.on_messages([message(0), message(1, "http://origin/held.jpg"), message(2)])
+    assert await pipeline.on_revoked([(TOPIC, 0)]) == {(TOPIC, 0): 1}
+    assert await pipeline.wait_idle(5)
+
+
+@pytest.mark.parametrize("offset", [0, 7])
+async def test_inflight_gauge_returns_to_zero(offset: int) -> None:
+    pipeline, _, _, metrics = make_pipeline()
+    pipeline.on_messages([message(offset)])
+    assert metrics.inflight._value.get() == 1
+    assert await pipeline.wait_idle(5)
+    assert metrics.inflight._value.get() == 0
