@@ -87,8 +87,6 @@ class TritonServer:
             "tritonserver",
             pid_file=self.state_dir / "tritonserver.pid",
             log_file=self.state_dir / "tritonserver.log",
-            # The backend directory is under state_dir: it names this server, no other.
-            marker=f"--backend-directory={self.backend_dir}",
         )
 
     @property
