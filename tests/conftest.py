@@ -72,10 +72,22 @@ def served_model(stack_dir: Path) -> ServedModel:
     from training.repository import add_version
 
     repository = stack_dir / "model_repository"
-    shutil.copytree(CPU_REPOSITORY, repository / "cpu")
+    # The committed configs only: versions built locally (numbered folders) stay behind.
+    shutil.copytree(
+        CPU_REPOSITORY,
+        repository / "cpu",
+        ignore=lambda _dir, names: [n for n in names if n.isdigit()],
+    )
     labels = read_labels(CPU_REPOSITORY / "category_classifier" / "labels.txt")
     torch.manual_seed(0)
     classifier = build_model(len(labels))
+    # Fresh batch-norm statistics make a random ResNet answer one class with certainty;
+    # two passes in train mode give it spread-out, image-dependent scores instead.
+    classifier.train()
+    with torch.no_grad():
+        for _ in range(2):
+            classifier(torch.randn(8, 3, 112, 112))
+    classifier.eval()
     onnx_path = stack_dir / "model.onnx"
     export_onnx(classifier, onnx_path, image_size=112)
     version = add_version(repository, "cpu", onnx_path, labels, image_size=112)
