@@ -27,14 +27,17 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED) system-deps
 
-# Debian packages the tests need (promtool and prometheus for the alert and dashboard tests).
+# Debian packages the tests need: prometheus and promtool (alert rules, dashboard queries),
+# docker-compose (validates docker-compose.yml; no engine is needed for `config`).
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 system-deps:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  echo "installing Debian package prometheus"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	  && command -v docker-compose >/dev/null || { \
+	  echo "installing Debian packages prometheus docker-compose"; \
+	  apt-get update -qq && $(APT_INSTALL) prometheus docker-compose >/dev/null; }
 	@command -v java >/dev/null && command -v mvn >/dev/null || { \
 	  echo "installing Java 17 and Maven"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
+	  apt-get update -qq && $(APT_INSTALL) openjdk-17-jre-headless maven >/dev/null; }
 
 stack: install
 	$(PY) -m devstack up

@@ -222,6 +222,8 @@ class Pipeline:
                 fetched = await self._fetcher.fetch(event.image_url)
             watch.fetch_s = time.perf_counter() - started
             watch.attempts = fetched.attempts
+            if fetched.attempts > 1:
+                self._metrics.retries.labels(stage="fetch").inc(fetched.attempts - 1)
             image, watch.decode_s = await self._decoder.decode(fetched.data, self._model.image_size)
             result = await self._batcher.submit(image)
             watch.queue_s, watch.infer_s = result.queue_s, result.infer_s

@@ -107,3 +107,5 @@ class Metrics:
             self.stage_latency.labels(stage=stage)
         for outcome in OUTCOMES:
             self.events.labels(outcome=outcome)
+        for stage in ("fetch", "infer", "publish"):
+            self.retries.labels(stage=stage)
