@@ -122,8 +122,6 @@ class KafkaBroker:
             "Kafka broker",
             pid_file=self.state_dir / "kafka.pid",
             log_file=self.state_dir / "kafka.out",
-            # The absolute config path is in the broker's command line and names this broker.
-            marker=str(self.config_file),
         )
 
     @property
@@ -210,11 +208,12 @@ class KafkaBroker:
             for name, n in topics.items()
         ]
         for name, future in admin.create_topics(new, request_timeout=timeout_s).items():
-            try:
-                future.result()
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise StackError(f"creating topic {name!r} failed: {exc}") from exc
+            # exception() rather than result(): a raised error's traceback would tie this
+            # frame, and so the admin client, into a cycle that outlives the call.
+            error = future.exception()
+            if error is None or _is_error(error, KafkaError.TOPIC_ALREADY_EXISTS):
+                continue
+            raise StackError(f"creating topic {name!r} failed: {error}") from error
         deadline = time.monotonic() + timeout_s
         while True:
             pending = self._topics_without_leaders(admin, topics)
@@ -359,6 +358,14 @@ class KafkaBroker:
             elif any(p.leader < 0 for p in topic.partitions.values()):
                 pending.append(name)
         return pending
+
+
+def _is_error(error: BaseException, code: int) -> bool:
+    return (
+        isinstance(error, KafkaException)
+        and isinstance(error.args[0], KafkaError)
+        and error.args[0].code() == code
+    )
 
 
 def _new_cluster_id() -> str:

@@ -127,17 +127,14 @@ def _locked(lock_file: Path) -> Iterator[None]:
 class DetachedProcess:
     """One server process, known by a pid file, whoever started it.
 
-    `marker` is a string that appears in the server's command line (for example the
-    absolute path of its config file). A pid is trusted only while the live process with
-    that pid still has the marker in its command line, so a stale pid file, or a pid the
-    OS has since given to another program, is never signalled.
+    The pid file holds the pid and the process's start time (from /proc), so a stale pid
+    file, or a pid that the OS has since given to another program, is never signalled.
     """
 
-    def __init__(self, name: str, pid_file: Path, log_file: Path, marker: str) -> None:
+    def __init__(self, name: str, pid_file: Path, log_file: Path) -> None:
         self.name = name
         self.pid_file = pid_file
         self.log_file = log_file
-        self.marker = marker
         # Set only in the process that started the server; used to reap it (no zombie).
         self._child: subprocess.Popen[bytes] | None = None
 
@@ -155,7 +152,8 @@ class DetachedProcess:
                 # does not signal the server; stop() and kill() signal its whole group.
                 start_new_session=True,
             )
-        self.pid_file.write_text(f"{self._child.pid}\n")
+        pid = self._child.pid
+        self.pid_file.write_text(f"{pid} {_start_time(pid)}\n")
 
     def pid(self) -> int | None:
         """The server's pid while it runs, else None."""
@@ -163,10 +161,11 @@ class DetachedProcess:
             # We started it: the child handle is the truth, whatever the pid file says.
             return self._child.pid if self._child.poll() is None else None
         try:
-            pid = int(self.pid_file.read_text().strip())
+            pid_text, start_text = self.pid_file.read_text().split()
+            pid, started = int(pid_text), int(start_text)
         except (FileNotFoundError, ValueError):
             return None
-        return pid if self._cmdline_has_marker(pid) else None
+        return pid if _alive(pid, started) else None
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -179,10 +178,11 @@ class DetachedProcess:
         """SIGTERM the server's process group, wait up to `timeout_s`, then SIGKILL it."""
         pid = self.pid()
         if pid is not None:
+            started = _start_time(pid)
             _signal_group(pid, signal.SIGTERM)
-            if not self._wait_gone(pid, timeout_s):
+            if not self._wait_gone(pid, started, timeout_s):
                 _signal_group(pid, signal.SIGKILL)
-                if not self._wait_gone(pid, 10):
+                if not self._wait_gone(pid, started, 10):
                     raise StackError(f"{self.name} (pid {pid}) survived SIGKILL")
         self._forget()
 
@@ -190,10 +190,18 @@ class DetachedProcess:
         """SIGKILL the server's process group now and wait until it is gone."""
         pid = self.pid()
         if pid is not None:
+            started = _start_time(pid)
             _signal_group(pid, signal.SIGKILL)
-            if not self._wait_gone(pid, 10):
+            if not self._wait_gone(pid, started, 10):
                 raise StackError(f"{self.name} (pid {pid}) survived SIGKILL")
         self._forget()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return _tail(text, lines)
 
     def _forget(self) -> None:
         self.pid_file.unlink(missing_ok=True)
@@ -203,14 +211,7 @@ class DetachedProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._child.wait(timeout=5)
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return _tail(text, lines)
-
-    def _wait_gone(self, pid: int, timeout_s: float) -> bool:
+    def _wait_gone(self, pid: int, started: int | None, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while True:
             if self._child is not None and self._child.pid == pid:
@@ -218,21 +219,44 @@ class DetachedProcess:
                     self._child.wait(timeout=_POLL_S)
                 if self._child.returncode is not None:
                     return True
-            elif not self._cmdline_has_marker(pid):
+            elif started is None or not _alive(pid, started):
                 return True
             else:
                 time.sleep(_POLL_S)
             if time.monotonic() >= deadline:
                 return False
 
-    def _cmdline_has_marker(self, pid: int) -> bool:
-        # An exited process that its parent has not reaped yet (a zombie) has an empty
-        # command line, so it counts as gone, as it should.
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        return self.marker.encode() in cmdline
+
+def _stat_fields(stat_file: Path) -> list[str] | None:
+    """The fields of a /proc stat file after the command name, which may hold spaces."""
+    try:
+        text = stat_file.read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot; None if there is no such pid."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    # Field 22 of stat; the list starts at field 3 (the state).
+    return None if fields is None else int(fields[19])
+
+
+def _alive(pid: int, started: int) -> bool:
+    """Whether the process that started at `started` still has a thread that is not dead.
+
+    A JVM's main thread can exit before its other threads finish the shutdown hooks, so
+    every thread is looked at, not only the first: the server is gone (its ports free)
+    only when all of them are zombies or gone.
+    """
+    if _start_time(pid) != started:
+        return False
+    for task in Path(f"/proc/{pid}/task").glob("*/stat"):
+        fields = _stat_fields(task)
+        if fields is not None and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
