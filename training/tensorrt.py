@@ -157,11 +157,11 @@ def build_plan(
     image_size: int,
     max_batch_size: int,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-    trt: ModuleType | None = None,
+    trt: Any = None,
 ) -> bytes:
     """Parse `onnx_path` and build a serialized FP16 engine with a dynamic batch profile.
 
-    `trt` is the tensorrt module (imported when not given).
+    `trt` is the tensorrt module, imported when not given (its API is untyped).
     """
     trt = trt or import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -1,0 +1,175 @@
+"""tensorrt: refuses without a GPU; the builder is asked for FP16 and the batch profile.
+
+No GPU is needed: the no-GPU path is the real one here, and the builder calls are checked
+against a stand-in of the `tensorrt` module that records them (the real build needs a GPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from training.__main__ import main
+from training.errors import NoGPUError, TrainingError
+from training.repository import render_config
+from training.tensorrt import (
+    build_into_repository,
+    build_plan,
+    configured_max_batch_size,
+    render_plan_config,
+    require_gpu,
+)
+
+
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.usefixtures("no_gpu")
+def test_without_a_gpu_the_command_says_so_and_exits_non_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(["tensorrt", "--repository", str(tmp_path / "nothing"), "--no-progress"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err
+    assert "Traceback" not in err
+    with pytest.raises(NoGPUError):
+        require_gpu()
+    with pytest.raises(NoGPUError):
+        build_into_repository(tmp_path)
+
+
+class FakeTensorRT:
+    """Enough of the tensorrt 10 module to record what build_plan asks of it."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    NetworkDefinitionCreationFlag = SimpleNamespace()  # TensorRT 10: explicit batch only
+    MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
+    BuilderFlag = SimpleNamespace(FP16="fp16")
+
+    def __init__(self, *, parses: bool = True, builds: bool = True) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        fake = self
+
+        class Profile:
+            def set_shape(self, name: str, *shapes: tuple[int, ...]) -> None:
+                fake.calls.append(("set_shape", name, *shapes))
+
+        class Config:
+            def set_memory_pool_limit(self, pool: str, size: int) -> None:
+                fake.calls.append(("pool", pool, size))
+
+            def set_flag(self, flag: str) -> None:
+                fake.calls.append(("flag", flag))
+
+            def add_optimization_profile(self, profile: Profile) -> None:
+                fake.calls.append(("add_profile",))
+
+        class Builder:
+            platform_has_fast_fp16 = True
+
+            def __init__(self, logger: Any) -> None:
+                pass
+
+            def create_network(self, flags: int) -> str:
+                fake.calls.append(("network", flags))
+                return "network"
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network: str, config: Config) -> bytes | None:
+                fake.calls.append(("build", network))
+                return b"PLAN" if builds else None
+
+        class OnnxParser:
+            num_errors = 0 if parses else 1
+
+            def __init__(self, network: str, logger: Any) -> None:
+                pass
+
+            def parse_from_file(self, path: str) -> bool:
+                fake.calls.append(("parse", path))
+                return parses
+
+            def get_error(self, index: int) -> str:
+                return "Unsupported operator Foo"
+
+        self.Builder = Builder
+        self.OnnxParser = OnnxParser
+
+
+def test_build_plan_asks_for_fp16_and_a_dynamic_batch_profile(tmp_path: Path) -> None:
+    trt = FakeTensorRT()
+    plan = build_plan(
+        tmp_path / "model.onnx",
+        image_size=112,
+        max_batch_size=64,
+        workspace_bytes=1 << 30,
+        trt=trt,
+    )
+    assert plan == b"PLAN"
+    assert trt.calls == [
+        ("network", 0),
+        ("parse", str(tmp_path / "model.onnx")),
+        ("pool", "workspace", 1 << 30),
+        ("flag", "fp16"),
+        ("set_shape", "image", (1, 112, 112, 3), (64, 112, 112, 3), (64, 112, 112, 3)),
+        ("add_profile",),
+        ("build", "network"),
+    ]
+
+
+def test_build_plan_reports_parser_and_builder_failures(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="Unsupported operator Foo"):
+        build_plan(
+            tmp_path / "m.onnx", image_size=112, max_batch_size=8, trt=FakeTensorRT(parses=False)
+        )
+    with pytest.raises(TrainingError, match="could not build"):
+        build_plan(
+            tmp_path / "m.onnx", image_size=112, max_batch_size=8, trt=FakeTensorRT(builds=False)
+        )
+
+
+def test_plan_config_keeps_the_contract_of_the_onnx_config() -> None:
+    plan = render_plan_config(num_classes=5, image_size=224, max_batch_size=32)
+    onnx = render_config("gpu", num_classes=5, image_size=224, max_batch_size=32)
+    assert 'platform: "tensorrt_plan"' in plan
+    assert "onnxruntime" not in plan
+    assert "execution_accelerators" not in plan
+    for line in (
+        'name: "category_classifier"',
+        "max_batch_size: 32",
+        'name: "image"',
+        "data_type: TYPE_UINT8",
+        "dims: [ 224, 224, 3 ]",
+        'name: "probabilities"',
+        "data_type: TYPE_FP32",
+        "dims: [ 5 ]",
+        'label_filename: "labels.txt"',
+        "kind: KIND_GPU",
+        "preferred_batch_size: [ 32 ]",
+    ):
+        assert line in plan
+        assert line in onnx
+
+
+def test_max_batch_size_comes_from_the_served_config(tmp_path: Path) -> None:
+    config = tmp_path / "config.pbtxt"
+    config.write_text(render_config("gpu", max_batch_size=48))
+    assert configured_max_batch_size(config) == 48
+    assert configured_max_batch_size(tmp_path / "missing.pbtxt") == 64
