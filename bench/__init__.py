@@ -1,0 +1,1 @@
+"""Benchmark harness for the category-suggester stack: `python -m bench` (see __main__)."""

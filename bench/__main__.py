@@ -112,7 +112,7 @@ MODES = {
     ),
     "smoke": Mode(
         "smoke",
-        photos=6,
+        photos=8,
         decode_s=1,
         triton_points=((8, 1),),
         triton_s=1,

@@ -313,6 +313,7 @@ def run_paced(
     consumer = _Consumer(ctx, consumer_kind, topics, log_path)
     sampler = _sampler(ctx, consumer)
     producer: PacedProducer | None = None
+    load_started = time.time()
     try:
         consumer.wait_ready()
         if ctx.stack.origin is not None:
@@ -324,6 +325,7 @@ def run_paced(
             ctx.stack.bootstrap, topics.input, source, rate=rate, duration_s=seconds
         ).start()
         started = time.monotonic()
+        load_started = time.time()
 
         def report(seen: int) -> None:
             consumer.check_alive()
@@ -358,7 +360,7 @@ def run_paced(
     if ctx.stack.origin is not None:
         result.origin_latency_ms = ctx.stack.origin.stats()
     if rss_every_s > 0:
-        result.rss_mb_series = _rss_series(sampler.series["consumer"], rss_every_s)
+        result.rss_mb_series = _rss_series(sampler.series["consumer"], load_started, rss_every_s)
     delete_topics(ctx.stack.bootstrap, topics)
     return result
 
@@ -410,15 +412,12 @@ def _paced_result(
     return result
 
 
-def _rss_series(series: procstat.Series, every_s: float) -> list[tuple[float, float]]:
-    """(seconds since the first sample, RSS MB), one point per `every_s`."""
-    if not series.times:
-        return []
+def _rss_series(series: procstat.Series, start: float, every_s: float) -> list[tuple[float, float]]:
+    """(seconds since `start`, RSS MB), one point per `every_s` from the start of the load."""
     points: list[tuple[float, float]] = []
-    start = series.times[0]
     next_at = start
     for when, rss in zip(series.times, series.rss, strict=True):
-        if when >= next_at:
+        if when >= next_at and rss > 0:
             points.append((round(when - start, 1), round(rss / 2**20, 1)))
             next_at += every_s
     return points

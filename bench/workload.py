@@ -8,7 +8,7 @@ texture that the encoders produce photo-sized files and the decoder does photo-s
 `tiny_photos(count)` returns 64 x 48 px JPEGs (a few hundred bytes) for the overhead run,
 where the pipeline's own cost per event is measured and decoding should cost next to nothing.
 
-Generation is deterministic for a seed and takes tens of seconds for a hundred photos, so
+Generation is deterministic for a seed and takes about a second per photo and core, so
 the files are cached under `cache_dir` (keyed by the parameters and this module's version);
 a later run reads them back in a second.
 """
@@ -18,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +204,11 @@ def listing_photos(count: int, *, seed: int = 7, cache_dir: Path | None = None) 
         cached = _load(folder)
         if cached is not None:
             return cached
-    photos = [_one_photo(index, seed) for index in range(count)]
+    # One process per core: a hundred photos take tens of seconds on one. Spawned, since
+    # the caller may have threads running.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=context) as pool:
+        photos = list(pool.map(_one_photo, range(count), [seed] * count))
     if folder is not None:
         _store(folder, photos)
     return photos
