@@ -64,5 +64,12 @@ test: install lint
 unit: $(INSTALLED)
 	$(PY) -m pytest tests/unit
 
+# The benchmark starts its own Kafka and Triton on free ports (~10 min; needs a quiet machine).
+bench: install
+	$(PY) -m bench
+
+bench-soak: install
+	$(PY) -m bench --phases service,soak --soak-minutes 10
+
 clean: stack-down
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
