@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--jitter", type=float, default=0.2, help="brightness/contrast/saturation")
     t.add_argument("--hue", type=float, default=0.02, help="hue jitter")
     t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--workers", type=int, help="loader processes (default: cores, max 8)")
+    t.add_argument("--workers", type=int, help="loader processes (default: cores, max 32)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     t.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
     t.add_argument("--no-channels-last", action="store_true")

@@ -288,7 +288,13 @@ def train(config: TrainConfig) -> TrainResult:
     write_labels(out / "labels.txt", manifest.labels)
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
-    model, initialisation = initial_model(config.weights, len(manifest.labels))
+    resume_state = None if config.resume is None else _read_resume(config.resume, manifest, config)
+    if resume_state is None:
+        model, initialisation = initial_model(config.weights, len(manifest.labels))
+    else:
+        # The weights come from the checkpoint; fetching the initial ones would be wasted.
+        model = torchvision.models.resnet34(weights=None, num_classes=len(manifest.labels))
+        initialisation = str(resume_state["initialisation"])
     channels_last = config.channels_last and device.type == "cuda"
     model.to(device)
     if channels_last:
@@ -302,16 +308,17 @@ def train(config: TrainConfig) -> TrainResult:
 
     start_epoch, best_accuracy, best_epoch = 0, -1.0, 0
     history: list[EpochStats] = []
-    if config.resume is not None:
-        state = _read_resume(config.resume, manifest, config)
+    if resume_state is not None:
+        state = resume_state
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
-        scaler.load_state_dict(state["scaler_state"])
+        if state["scaler_state"] and scaler.is_enabled():
+            # Empty when the run so far had no float16 loss scaling (CPU, or bfloat16).
+            scaler.load_state_dict(state["scaler_state"])
         start_epoch = int(state["epoch"])
         best_accuracy, best_epoch = float(state["best_val_accuracy"]), int(state["best_epoch"])
         history = [EpochStats(**row) for row in state["history"]]
-        initialisation = str(state.get("initialisation", initialisation))
         log.info("resumed from %s after epoch %d", config.resume, start_epoch)
 
     workers = default_workers() if config.workers is None else config.workers
