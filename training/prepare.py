@@ -185,6 +185,8 @@ def prepare(
     if stored_size < 16:
         raise DataError(f"stored_size must be at least 16 px, got {stored_size}")
     policy = download or DownloadPolicy()
+    if out.resolve().is_relative_to(source.resolve()):
+        raise DataError(f"the output folder {out} must not be inside the source {source}")
     categories = _categories(source)
     items, dropped = _collect(source, out, categories, policy, client, progress)
 
@@ -397,8 +399,10 @@ def _download(client: httpx.Client, url: str, dest: Path, policy: DownloadPolicy
         except httpx.TransportError as exc:
             partial.unlink(missing_ok=True)
             error = f"{type(exc).__name__}: {exc}"
-        except httpx.InvalidURL as exc:
-            return f"invalid URL: {exc}"
+        except (httpx.RequestError, httpx.InvalidURL) as exc:
+            # Not transient: too many redirects, an undecodable body, a malformed URL.
+            partial.unlink(missing_ok=True)
+            return f"{type(exc).__name__}: {exc}"
     return f"{error} (after {policy.attempts} attempts)"
 
 

@@ -133,6 +133,8 @@ def test_split_is_stratified_seeded_and_70_30(tmp_path: Path) -> None:
 
 
 def test_prepare_refuses_what_cannot_be_split(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="must not be inside"):
+        prepare(tmp_path, tmp_path / "prepared", progress=False)
     _write(tmp_path / "one" / "books" / "a.jpg", photo(1))
     with pytest.raises(DataError, match="at least two"):
         prepare(tmp_path / "one", tmp_path / "out", progress=False)
@@ -174,6 +176,7 @@ class Origin:
     base: str
     files: dict[str, bytes]
     failures: dict[str, list[int]]  # statuses to answer before the file, per path
+    redirects: dict[str, str] = field(default_factory=dict)
     requests: Counter[str] = field(default_factory=Counter)
 
 
@@ -188,6 +191,12 @@ def origin() -> Iterator[Origin]:
                 state.requests[self.path] += 1
                 pending = state.failures.get(self.path)
                 status = pending.pop(0) if pending else None
+            if self.path in state.redirects:
+                self.send_response(302)
+                self.send_header("Location", state.redirects[self.path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if status is None and self.path in state.files:
                 body = state.files[self.path]
                 self.send_response(200)
@@ -231,6 +240,7 @@ def test_url_lists_download_in_parallel_with_retries_and_resume(
     )
     origin.failures["/books/flaky.jpg"] = [503]
     origin.failures["/car/2.jpg"] = [503, 502, 500]  # more failures than attempts
+    origin.redirects["/books/loop.jpg"] = "/books/loop.jpg"
     source = tmp_path / "source"
     b = origin.base
     _write(
@@ -238,7 +248,7 @@ def test_url_lists_download_in_parallel_with_retries_and_resume(
         (
             f"id,url\n1,{b}/books/1.jpg\n2,{b}/books/2.jpg\n3,{b}/books/flaky.jpg\n"
             f"4,{b}/books/missing.jpg\n5,{b}/books/shared.jpg\n6,{b}/books/bad.jpg\n"
-            "7,ftp://elsewhere/x.jpg\n"
+            f"7,ftp://elsewhere/x.jpg\n8,{b}/books/loop.jpg\n"
         ).encode(),
     )
     _write(
@@ -255,12 +265,14 @@ def test_url_lists_download_in_parallel_with_retries_and_resume(
         ("download_failed", "missing.jpg"),
         ("download_failed", "2.jpg"),
         ("download_failed", "x.jpg"),
+        ("download_failed", "loop.jpg"),
         ("undecodable", "bad.jpg"),
         ("cross_category_duplicate", "shared.jpg"),
         ("cross_category_duplicate", "shared-again.jpg"),
     }
     assert reasons[("download_failed", "missing.jpg")] == "HTTP 404"
     assert reasons[("download_failed", "2.jpg")] == "HTTP 500 (after 3 attempts)"
+    assert reasons[("download_failed", "loop.jpg")].startswith("TooManyRedirects")
     assert origin.requests["/books/flaky.jpg"] == 2  # a 503, then the photo
     assert origin.requests["/books/missing.jpg"] == 1  # a 404 is not retried
     assert origin.requests["/car/2.jpg"] == 3
@@ -272,6 +284,6 @@ def test_url_lists_download_in_parallel_with_retries_and_resume(
     origin.requests.clear()
     origin.files["/books/missing.jpg"] = photo(4)
     rerun = prepare(source, out, download=FAST_RETRIES, progress=False)
-    assert set(origin.requests) == {"/books/missing.jpg", "/car/2.jpg"}
+    assert set(origin.requests) == {"/books/missing.jpg", "/car/2.jpg", "/books/loop.jpg"}
     assert rerun.counts["books"] == {"train": 3, "val": 1}
     assert rerun.counts["car"] == {"train": 2, "val": 1}
