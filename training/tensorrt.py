@@ -81,8 +81,9 @@ def import_tensorrt() -> ModuleType:
         return importlib.import_module("tensorrt")
     except ImportError as exc:
         raise TrainingError(
-            "the `tensorrt` Python package is not installed: `pip install tensorrt` "
-            "(the version must match the TensorRT inside the Triton image that serves the plan)"
+            "the `tensorrt` Python package is not installed: install the version of the "
+            "TensorRT inside the Triton image that serves the plan (Triton 24.12: "
+            "`pip install tensorrt==10.7.*`); a plan only loads in the TensorRT that built it"
         ) from exc
 
 
@@ -177,11 +178,18 @@ def build_plan(
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise TrainingError(f"TensorRT cannot parse {onnx_path}: {'; '.join(errors)}")
+    fp16 = getattr(trt.BuilderFlag, "FP16", None)
+    if fp16 is None:
+        raise TrainingError(
+            f"TensorRT {getattr(trt, '__version__', '?')} has no FP16 builder flag (TensorRT 11 "
+            "removed it); install the TensorRT 10 of the Triton image (24.12: "
+            "`pip install tensorrt==10.7.*`)"
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if not builder.platform_has_fast_fp16:
+    if not getattr(builder, "platform_has_fast_fp16", True):
         log.warning("this GPU has no fast FP16; the FP16 plan may be slower than expected")
-    config.set_flag(trt.BuilderFlag.FP16)
+    config.set_flag(fp16)
     profile = builder.create_optimization_profile()
     one = (1, image_size, image_size, 3)
     full = (max_batch_size, image_size, image_size, 3)

@@ -145,6 +145,13 @@ def test_build_plan_reports_parser_and_builder_failures(tmp_path: Path) -> None:
         )
 
 
+def test_a_tensorrt_without_the_fp16_flag_is_refused(tmp_path: Path) -> None:
+    trt = FakeTensorRT()
+    trt.BuilderFlag = SimpleNamespace()  # TensorRT 11 removed the precision flags
+    with pytest.raises(TrainingError, match="no FP16 builder flag"):
+        build_plan(tmp_path / "m.onnx", image_size=112, max_batch_size=8, trt=trt)
+
+
 def test_plan_config_keeps_the_contract_of_the_onnx_config() -> None:
     plan = render_plan_config(num_classes=5, image_size=224, max_batch_size=32)
     onnx = render_config("gpu", num_classes=5, image_size=224, max_batch_size=32)
