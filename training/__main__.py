@@ -167,8 +167,11 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
         print(report.summary())
-        for item in report.dropped:
-            log.info("dropped %s/%s: %s (%s)", item.category, item.source, item.reason, item.detail)
+        shown = 20
+        for item in report.dropped[:shown]:
+            print(f"  dropped {item.category}: {item.source}: {item.reason} ({item.detail})")
+        if len(report.dropped) > shown:
+            print(f"  ... and {len(report.dropped) - shown} more in prepare_report.json")
         print(f"manifest: {args.out / 'manifest.csv'}; report: {args.out / 'prepare_report.json'}")
         return 0
 
