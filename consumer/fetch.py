@@ -13,10 +13,13 @@ The URL is untrusted, so before any connection:
   addresses are refused, also when wrapped in IPv4-mapped, NAT64 or 6to4 IPv6 addresses.
   Hosts in `allowed_hosts` skip this check (the local stack serves images on 127.0.0.1).
 
-The checked addresses travel with the request (`PinnedAddresses` in the request
-extensions) and `PinnedTransport` connects to them and nowhere else, so DNS is asked once
-and a rebinding answer cannot redirect the connection; TLS still verifies the certificate
-against the URL's host name. Redirects are followed by hand, each hop checked again.
+HTTP goes through one aiohttp session per fetcher whose connector resolves host names with
+`CheckedResolver`: it resolves, checks every address and hands the connector only checked
+addresses, so a rebinding DNS answer cannot steer a connection elsewhere; the fetcher asks
+the same resolver before each request, so a refusal comes before any connection. Checked
+answers are kept for `address_ttl_s`; aiohttp's own DNS cache is off. TLS verifies the
+certificate against the URL's host name. Redirects are followed by hand, each hop checked
+again; bodies are read raw (never decompressed) and capped while streaming.
 
 Raises `FetchRefusedError` (nothing more is read) with `reason` `url_invalid`,
 `scheme_refused`, `host_refused`, `address_refused`, `too_many_redirects`, `too_large`,
@@ -28,32 +31,23 @@ full-jitter exponential backoff) are spent or cannot help (other 4xx, unknown ho
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import email.utils
 import random
 import re
 import socket
 import ssl
 import time
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    Mapping,
-    Sequence,
-)
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from types import TracebackType
 from typing import Any, Protocol
 
-import httpcore
+import aiohttp
 import httpx
+import yarl
+from aiohttp.abc import AbstractResolver, ResolveResult
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
 from consumer.errors import FetchFailedError, FetchRefusedError
@@ -61,11 +55,9 @@ from consumer.preprocess import ACCEPTED_FORMATS, sniff_format
 from consumer.settings import FetchSettings
 
 __all__ = [
-    "PIN_EXTENSION",
+    "CheckedResolver",
     "FetchedImage",
     "ImageFetcher",
-    "PinnedAddresses",
-    "PinnedTransport",
     "Resolver",
     "S3ClientFactory",
     "S3Reader",
@@ -87,8 +79,6 @@ class S3Reader(Protocol):
 
 S3ClientFactory = Callable[[], S3Reader]
 
-PIN_EXTENSION = "category_suggester.pinned_addresses"
-
 _HTTP_SCHEMES = frozenset({"http", "https"})
 _SUPPORTED_SCHEMES = frozenset({"http", "https", "s3"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -102,6 +92,12 @@ _REQUEST_HEADERS = {
 # Enough bytes to tell every format `sniff_format` knows, SVG's XML prolog included.
 _SNIFF_BYTES = 1024
 _S3_CHUNK = 64 * 1024
+# How long a checked DNS answer is reused (aiohttp's default DNS TTL), and how many hosts
+# are remembered: enough for the origins of a stream, bounded against hostile variety.
+_ADDRESS_TTL_S = 10.0
+_ADDRESS_CACHE_SIZE = 1024
+# Idle keep-alive connections are closed after this long.
+_KEEPALIVE_S = 15.0
 
 _URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f\\]")
 _HOST_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -219,17 +215,6 @@ class FetchedImage:
 
 
 @dataclass(frozen=True, slots=True)
-class PinnedAddresses:
-    """The checked addresses a request may connect to, carried in its extensions.
-
-    `host` is the URL's host exactly as the connection pool sees it (ASCII, lower case).
-    """
-
-    host: str
-    addresses: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class _Target:
     url: httpx.URL
     scheme: str
@@ -336,57 +321,161 @@ def _parse_host_entry(entry: str) -> tuple[str, int | None]:
     return _normalise_host(host)[0], port
 
 
+class CheckedResolver(AbstractResolver):
+    """Resolves a host name, checks every address and returns only checked addresses.
+
+    The fetcher's aiohttp connector resolves through it, so each new connection goes to an
+    address that passed `address_refusal`, or whose host (or host:port) is in
+    `allowed_hosts`; the fetcher also asks it before each request (`addresses`), so a
+    refusal normally comes before aiohttp is involved at all. Failures are not OSErrors,
+    so they leave the connector as they are: FetchRefusedError (`address_refused`) for a
+    refused address, FetchFailedError for an unknown host or a bad answer, and
+    `_RetryableError` for a resolver fault. An answer that passed is reused for `ttl_s`
+    seconds per (host, port); only checked answers are ever kept.
+    """
+
+    def __init__(
+        self,
+        resolve: Resolver,
+        allowed_hosts: frozenset[tuple[str, int | None]] = frozenset(),
+        *,
+        ttl_s: float = _ADDRESS_TTL_S,
+    ) -> None:
+        self._resolve = resolve
+        self._allowed_hosts = allowed_hosts
+        self._ttl_s = ttl_s
+        self._cache: dict[tuple[str, int], tuple[float, tuple[str, ...]]] = {}
+
+    def exempt(self, host: str, port: int | None) -> bool:
+        """Whether `host` (normalised), on `port`, is in `allowed_hosts`."""
+        return (host, None) in self._allowed_hosts or (
+            port is not None and (host, port) in self._allowed_hosts
+        )
+
+    def check(self, host: str, port: int, addresses: Sequence[IPAddress]) -> None:
+        """Raise FetchRefusedError unless every address may be connected to."""
+        if self.exempt(host, port):
+            return
+        for address in addresses:
+            why = address_refusal(address)
+            if why is not None:
+                raise _refused(f"host {host!r} has a {why} address ({address})", "address_refused")
+
+    async def addresses(self, host: str, port: int) -> tuple[str, ...]:
+        """The checked addresses of `host` (a normalised name) for a connection to `port`."""
+        key = (host, port)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        found = await self._lookup(host)
+        self.check(host, port, found)
+        checked = tuple(str(address) for address in found)
+        self._cache.pop(key, None)
+        if len(self._cache) >= _ADDRESS_CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]  # the oldest entry
+        self._cache[key] = (time.monotonic() + self._ttl_s, checked)
+        return checked
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """aiohttp's resolver interface: only checked addresses, tagged with `host`."""
+        name, literal = _normalise_host(host)
+        if literal is not None:
+            # aiohttp connects to IP literals without asking; checked here all the same.
+            self.check(name, port, [literal])
+            addresses: tuple[str, ...] = (name,)
+        else:
+            addresses = await self.addresses(name, port)
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            )
+            for address in addresses
+        ]
+
+    async def close(self) -> None:
+        """Nothing to release; the connector calls it when it closes."""
+
+    async def _lookup(self, host: str) -> list[IPAddress]:
+        try:
+            answers = await self._resolve(host)
+        except socket.gaierror as exc:
+            if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
+                raise FetchFailedError(
+                    f"host {host!r} does not resolve", reason="fetch_failed"
+                ) from exc
+            raise _RetryableError(
+                f"resolving {host!r} failed: {exc}", reason="fetch_failed"
+            ) from exc
+        except OSError as exc:
+            raise _RetryableError(
+                f"resolving {host!r} failed: {exc}", reason="fetch_failed"
+            ) from exc
+        try:
+            addresses = [ip_address(answer) for answer in answers]
+        except ValueError as exc:
+            raise FetchFailedError(
+                f"resolver gave a bad address: {exc}", reason="fetch_failed"
+            ) from exc
+        if not addresses:
+            raise FetchFailedError(f"host {host!r} has no address", reason="fetch_failed")
+        return addresses
+
+
 class ImageFetcher:
     """Fetches images from untrusted URLs; one instance (one connection pool) per process.
 
-    `transport`: the httpx transport (default `PinnedTransport`; tests pass
-    `httpx.MockTransport`). `resolver`: host -> addresses (default `resolve_host`).
+    `resolver`: host -> addresses (default `resolve_host`), wrapped in `CheckedResolver`.
     `s3_client_factory`: builds the S3 client on first use, in a thread (default: boto3
     with the endpoint and region from settings and no retries of its own). `sleep` and
-    `jitter` (a float in [0, 1)) drive the backoff between attempts.
+    `jitter` (a float in [0, 1)) drive the backoff between attempts. `ssl_context` replaces
+    the default verifying context (tests trust their own CA with it); `trace_configs` are
+    aiohttp's request hooks (tests watch connections with them); `address_ttl_s`: how long
+    a checked DNS answer is reused. The aiohttp session is made on the first HTTP fetch, on
+    the running loop, and closed by `aclose`.
     """
 
     def __init__(
         self,
         settings: FetchSettings,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
         resolver: Resolver | None = None,
         s3_client_factory: S3ClientFactory | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
+        ssl_context: ssl.SSLContext | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
+        address_ttl_s: float = _ADDRESS_TTL_S,
     ) -> None:
         self._settings = settings
-        self._resolver: Resolver = resolver if resolver is not None else resolve_host
         self._s3_client_factory = s3_client_factory or (lambda: _default_s3_client(settings))
         self._s3_client: S3Reader | None = None
         self._s3_lock = asyncio.Lock()
         self._sleep = sleep
         self._jitter = jitter
         self._schemes = frozenset(s.lower() for s in settings.allowed_schemes) & _SUPPORTED_SCHEMES
-        self._allowed_hosts = frozenset(_parse_host_entry(e) for e in settings.allowed_hosts)
         self._host_allowlist = tuple(_parse_host_entry(e)[0] for e in settings.host_allowlist)
-        if transport is None:
-            transport = PinnedTransport(
-                limits=httpx.Limits(
-                    max_connections=settings.max_connections,
-                    max_keepalive_connections=settings.max_connections,
-                    keepalive_expiry=15.0,
-                )
-            )
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            headers=_REQUEST_HEADERS,
-            timeout=httpx.Timeout(
-                connect=settings.connect_timeout_s,
-                read=settings.read_timeout_s,
-                write=settings.read_timeout_s,
-                pool=settings.connect_timeout_s,
-            ),
-            follow_redirects=False,
-            # No proxies, certificates or netrc from the environment.
-            trust_env=False,
+        self._resolver = CheckedResolver(
+            resolver if resolver is not None else resolve_host,
+            frozenset(_parse_host_entry(e) for e in settings.allowed_hosts),
+            ttl_s=address_ttl_s,
         )
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._trace_configs = list(trace_configs)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,  # the fetch's own deadline (total_timeout_s) covers every attempt
+            connect=settings.connect_timeout_s,  # waiting for a pool slot included
+            sock_connect=settings.connect_timeout_s,  # TCP and TLS handshake
+            sock_read=settings.read_timeout_s,  # between two reads
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     async def __aenter__(self) -> ImageFetcher:
         return self
@@ -400,8 +489,41 @@ class ImageFetcher:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._client.aclose()
+        """Close the connection pool; later HTTP fetches raise RuntimeError."""
+        self._closed = True
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def _http_session(self) -> aiohttp.ClientSession:
+        """The session, made on first use so that it belongs to the running loop."""
+        if self._session is not None:
+            return self._session
+        if self._closed:
+            raise RuntimeError("ImageFetcher is closed")
+        connector = aiohttp.TCPConnector(
+            limit=self._settings.max_connections,
+            limit_per_host=self._settings.max_connections,
+            # Every name goes through CheckedResolver, which keeps checked answers itself;
+            # aiohttp's cache would only be a second copy with its own expiry.
+            use_dns_cache=False,
+            resolver=self._resolver,
+            ssl=self._ssl,
+            keepalive_timeout=_KEEPALIVE_S,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=_REQUEST_HEADERS,
+            timeout=self._timeout,
+            # Bodies stay as sent: no decompression bombs (Content-Encoding is refused).
+            auto_decompress=False,
+            # No proxies or netrc from the environment.
+            trust_env=False,
+            # Cookies from one untrusted origin are never kept, nor sent to another.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=self._trace_configs or None,
+        )
+        return self._session
 
     async def fetch(self, url: str) -> FetchedImage:
         """Fetch one image; raises FetchRefusedError or FetchFailedError (module docstring)."""
@@ -476,57 +598,9 @@ class ImageFetcher:
         return _Target(url=parsed, scheme="s3", host=bucket, port=None, address=None)
 
     def _host_allowed(self, host: str, port: int | None) -> bool:
-        if not self._host_allowlist or self._exempt(host, port):
+        if not self._host_allowlist or self._resolver.exempt(host, port):
             return True
         return any(host == entry or host.endswith("." + entry) for entry in self._host_allowlist)
-
-    def _exempt(self, host: str, port: int | None) -> bool:
-        """Whether `host` (and `port`) is in `allowed_hosts`."""
-        return (host, None) in self._allowed_hosts or (
-            port is not None and (host, port) in self._allowed_hosts
-        )
-
-    async def _pin(self, target: _Target) -> PinnedAddresses:
-        """Resolve the host once and check every address it has (unless exempt)."""
-        if target.address is not None:
-            addresses: list[IPAddress] = [target.address]
-        else:
-            try:
-                answers = await self._resolver(target.host)
-            except socket.gaierror as exc:
-                if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
-                    raise FetchFailedError(
-                        f"host {target.host!r} does not resolve", reason="fetch_failed"
-                    ) from exc
-                raise _RetryableError(
-                    f"resolving {target.host!r} failed: {exc}", reason="fetch_failed"
-                ) from exc
-            except OSError as exc:
-                raise _RetryableError(
-                    f"resolving {target.host!r} failed: {exc}", reason="fetch_failed"
-                ) from exc
-            try:
-                addresses = [ip_address(answer) for answer in answers]
-            except ValueError as exc:
-                raise FetchFailedError(
-                    f"resolver gave a bad address: {exc}", reason="fetch_failed"
-                ) from exc
-            if not addresses:
-                raise FetchFailedError(
-                    f"host {target.host!r} has no address", reason="fetch_failed"
-                )
-        if not self._exempt(target.host, target.port):
-            for address in addresses:
-                why = address_refusal(address)
-                if why is not None:
-                    raise _refused(
-                        f"host {target.host!r} has a {why} address ({address})",
-                        "address_refused",
-                    )
-        return PinnedAddresses(
-            host=target.url.raw_host.decode("ascii"),
-            addresses=tuple(str(address) for address in addresses),
-        )
 
     # -- attempts -----------------------------------------------------------------------
 
@@ -579,37 +653,45 @@ class ImageFetcher:
 
     async def _get_http(self, target: _Target) -> _Body | str:
         """GET one URL: the body, or the Location of a redirect."""
-        pin = await self._pin(target)
-        request = self._client.build_request("GET", target.url, extensions={PIN_EXTENSION: pin})
+        assert target.port is not None
+        if target.address is not None:
+            self._resolver.check(target.host, target.port, [target.address])
+        else:
+            # Resolve and check before the request; the connector, should it open a new
+            # connection, asks the same resolver and gets the same checked answer.
+            await self._resolver.addresses(target.host, target.port)
+        session = self._http_session()
+        url = yarl.URL(str(target.url), encoded=True)
         try:
-            response = await self._client.send(request, stream=True)
-            try:
-                status = response.status_code
+            async with session.get(url, allow_redirects=False) as response:
+                status = response.status
                 if status in _REDIRECT_STATUSES:
-                    location = response.headers.get("location")
+                    location = response.headers.get("Location")
                     if not location:
                         raise FetchFailedError(
                             f"HTTP {status} without Location", reason="http_status"
                         )
-                    return str(location)
+                    return location
                 if status == 429 or status >= 500:
                     raise _RetryableError(
                         f"HTTP {status} from {target.host}",
                         reason="http_status",
-                        retry_after=_retry_after(response.headers.get("retry-after")),
+                        retry_after=_retry_after(response.headers.get("Retry-After")),
                     )
                 if status != 200:
                     raise FetchFailedError(
                         f"HTTP {status} from {target.host}", reason="http_status"
                     )
                 data = await self._read_body(response)
-            finally:
-                await response.aclose()
-        except httpx.TimeoutException as exc:
+        # aiohttp's timeouts (connect, pool, read) are TimeoutErrors; the fetch's own
+        # deadline cancels this task instead and is told apart in `fetch`.
+        except TimeoutError as exc:
             raise _RetryableError(
                 f"{type(exc).__name__} from {target.host}", reason="fetch_timeout"
             ) from exc
-        except httpx.TransportError as exc:
+        except aiohttp.InvalidURL as exc:
+            raise _refused(f"URL refused by the HTTP client: {exc}", "url_invalid") from exc
+        except (aiohttp.ClientError, OSError) as exc:
             if _certificate_error(exc):
                 raise FetchFailedError(
                     f"TLS certificate of {target.host} not valid", reason="fetch_failed"
@@ -619,22 +701,24 @@ class ImageFetcher:
             ) from exc
         return _Body(data, _image_format(data), str(target.url), status, 0)
 
-    async def _read_body(self, response: httpx.Response) -> bytes:
-        """Read the raw body up to `max_bytes`, refusing early what is not an image."""
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        """Read the raw body up to `max_bytes`, refusing early what is not an image.
+
+        Leaving early leaves the body unread, so the connection is closed, not reused.
+        """
         limit = self._settings.max_bytes
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        encoding = ",".join(response.headers.getall("Content-Encoding", ())).strip().lower()
         if encoding not in ("", "identity"):
             # Compressed bodies are never inflated (no decompression bombs); an image
             # sent compressed is not what we asked for with Accept-Encoding: identity.
             raise _refused(f"Content-Encoding {encoding[:32]!r} refused", "not_an_image")
-        declared = response.headers.get("content-length")
+        declared = response.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _refused(f"Content-Length {declared} over {limit} bytes", "too_large")
         body = bytearray()
         sniffed = False
-        # With Content-Encoding identity (checked above) aiter_bytes yields the raw body; it
-        # also serves a body a transport delivered already read (httpx.MockTransport).
-        async for chunk in response.aiter_bytes():
+        # auto_decompress is off: these are the bytes on the wire, de-chunked.
+        while chunk := await response.content.readany():
             body += chunk
             if len(body) > limit:
                 raise _refused(f"body over {limit} bytes", "too_large")
@@ -739,171 +823,3 @@ def _default_s3_client(settings: FetchSettings) -> S3Reader:
             max_pool_connections=settings.max_connections,
         ),
     )
-
-
-# -- the pinning transport --------------------------------------------------------------
-
-# The addresses the current request may connect to. Set by PinnedTransport around the
-# pool call; httpcore opens a new connection inside that call, in the same task.
-_PINNED: contextvars.ContextVar[PinnedAddresses | None] = contextvars.ContextVar(
-    "category_suggester_pinned", default=None
-)
-
-_ERROR_MAP: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-)
-_HTTPCORE_ERRORS = (
-    httpcore.TimeoutException,
-    httpcore.NetworkError,
-    httpcore.ProtocolError,
-    httpcore.UnsupportedProtocol,
-)
-
-
-@contextlib.contextmanager
-def _httpx_errors(request: httpx.Request) -> Iterator[None]:
-    """Raise httpcore's exceptions as the httpx ones the fetcher handles."""
-    try:
-        yield
-    except _HTTPCORE_ERRORS as exc:
-        for core_type, httpx_type in _ERROR_MAP:
-            if isinstance(exc, core_type):
-                raise httpx_type(str(exc), request=request) from exc
-        raise
-
-
-class _PinningBackend(httpcore.AsyncNetworkBackend):
-    """Opens TCP connections only to the pinned addresses of the current request."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
-        self._inner = inner
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        pin = _PINNED.get()
-        if pin is None or pin.host != host:
-            raise httpcore.ConnectError(f"no checked address for {host!r}; not connecting")
-        failure: Exception | None = None
-        for address in pin.addresses:
-            try:
-                return await self._inner.connect_tcp(
-                    address,
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc
-        if failure is None:
-            raise httpcore.ConnectError(f"no address to connect to for {host!r}")
-        raise failure
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not used")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-class _PinnedResponseStream(httpx.AsyncByteStream):
-    def __init__(self, stream: AsyncIterable[bytes], request: httpx.Request) -> None:
-        self._stream = stream
-        self._request = request
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _httpx_errors(self._request):
-            async for part in self._stream:
-                yield part
-
-    async def aclose(self) -> None:
-        close = getattr(self._stream, "aclose", None)
-        if close is not None:
-            with _httpx_errors(self._request):
-                await close()
-
-
-class PinnedTransport(httpx.AsyncBaseTransport):
-    """An HTTP/1.1 connection pool that connects only to addresses the fetcher checked.
-
-    Each request must carry `PinnedAddresses` for its host in
-    `request.extensions[PIN_EXTENSION]`; the TCP connection goes to one of those
-    addresses (tried in order), never to a fresh DNS answer. The URL keeps the host name,
-    so the Host header, TLS SNI, certificate verification and the pool's keying per host
-    are those of the name. A request without a matching pin fails with ConnectError.
-    `network_backend` is for tests (httpcore's AsyncMockBackend); the default is anyio.
-    """
-
-    def __init__(
-        self,
-        *,
-        limits: httpx.Limits,
-        ssl_context: ssl.SSLContext | None = None,
-        network_backend: httpcore.AsyncNetworkBackend | None = None,
-    ) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=True,
-            http2=False,
-            network_backend=_PinningBackend(network_backend or httpcore.AnyIOBackend()),
-        )
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        pin = request.extensions.get(PIN_EXTENSION)
-        if not isinstance(pin, PinnedAddresses) or pin.host != request.url.raw_host.decode("ascii"):
-            raise httpx.ConnectError("request carries no checked address for its host")
-        assert isinstance(request.stream, httpx.AsyncByteStream)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        token = _PINNED.set(pin)
-        try:
-            with _httpx_errors(request):
-                core_response = await self._pool.handle_async_request(core_request)
-        finally:
-            _PINNED.reset(token)
-        assert isinstance(core_response.stream, AsyncIterable)
-        return httpx.Response(
-            status_code=core_response.status,
-            headers=core_response.headers,
-            stream=_PinnedResponseStream(core_response.stream, request),
-            extensions=core_response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        await self._pool.aclose()

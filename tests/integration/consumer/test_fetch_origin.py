@@ -1,5 +1,6 @@
 """The fetch step against a real HTTP(S) origin on a loopback port, through the real
-pinned transport: pinning, redirects, size cap, timeouts and TLS verification.
+aiohttp connector and CheckedResolver: pinning, redirects, size cap, timeouts and TLS
+verification.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from PIL import Image
 
 from consumer.errors import FetchFailedError, FetchRefusedError
-from consumer.fetch import ImageFetcher, PinnedTransport
+from consumer.fetch import ImageFetcher
 from consumer.settings import FetchSettings
 
 pytestmark = pytest.mark.integration
@@ -158,6 +158,45 @@ async def test_connection_goes_to_the_checked_address_with_the_host_name(
     assert origin.hosts == [f"images.test:{origin.port}"]
 
 
+async def test_rebinding_answer_is_refused_at_connect_time(origin: Origin) -> None:
+    """`rebind.test` first answers a public address, then loopback (a DNS-rebinding
+    origin). With answers kept no time at all, the connector's own lookup gets the
+    loopback answer and must refuse it: nothing reaches the origin on loopback."""
+    answers = [["93.184.216.34"], ["127.0.0.1"]]
+    calls: list[str] = []
+
+    async def rebinding(name: str) -> list[str]:
+        calls.append(name)
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    settings = FetchSettings(max_attempts=1)
+    async with ImageFetcher(settings, resolver=rebinding, address_ttl_s=0.0) as fetcher:
+        with pytest.raises(FetchRefusedError) as caught:
+            await fetcher.fetch(f"http://rebind.test:{origin.port}/img.png")
+    assert caught.value.reason == "address_refused"
+    assert calls == ["rebind.test", "rebind.test"]
+    assert origin.hosts == []
+
+
+async def test_checked_answer_is_what_the_connection_uses(origin: Origin) -> None:
+    """Within the answer's lifetime the name is not looked up again: a later rebinding
+    answer cannot reach the connector."""
+    answers = [["127.0.0.1"], ["169.254.169.254"]]
+    calls: list[str] = []
+
+    async def rebinding(name: str) -> list[str]:
+        calls.append(name)
+        return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    settings = FetchSettings(allowed_hosts=(f"images.test:{origin.port}",))
+    async with ImageFetcher(settings, resolver=rebinding) as fetcher:
+        for _ in range(3):
+            fetched = await fetcher.fetch(f"http://images.test:{origin.port}/img.png")
+            assert fetched.data == PNG
+    assert calls == ["images.test"]
+    assert origin.hosts == [f"images.test:{origin.port}"] * 3
+
+
 async def test_loopback_refused_when_not_allowed(origin: Origin) -> None:
     async with ImageFetcher(FetchSettings()) as fetcher:
         with pytest.raises(FetchRefusedError) as caught:
@@ -275,9 +314,8 @@ async def test_tls_is_verified_against_the_host_name(tmp_path: Path) -> None:
             allowed_hosts=(f"images.test:{origin.port}", f"other.test:{origin.port}"),
             backoff_base_s=0.01,
         )
-        transport = PinnedTransport(limits=httpx.Limits(), ssl_context=client_context)
         async with ImageFetcher(
-            settings, transport=transport, resolver=images_test_resolver("other.test")
+            settings, ssl_context=client_context, resolver=images_test_resolver("other.test")
         ) as fetcher:
             fetched = await fetcher.fetch(f"https://images.test:{origin.port}/img.png")
             assert fetched.data == PNG
