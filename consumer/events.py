@@ -130,20 +130,26 @@ class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# Ids travel on as Kafka keys and values of the suggestion; one of a megabyte breaks the
+# contract instead (no real id is near this long).
+MAX_ID_LENGTH: Final = 256
+Id = Annotated[str, Field(max_length=MAX_ID_LENGTH)]
+
+
 class ListingImageUploaded(_Record):
     """`listing_image_uploaded.avsc`: a seller uploaded an image (key: listing_id).
 
-    Validation is Avro's and no more: `image_url` is any string here; the fetch step
-    applies the URL policy.
+    Validation is Avro's plus a length bound on ids (`MAX_ID_LENGTH` characters):
+    `image_url` is any string here; the fetch step applies the URL policy.
     """
 
     event_id: UUID
-    listing_id: str
-    image_id: str
+    listing_id: Id
+    image_id: Id
     image_url: str
     uploaded_at: UtcMillis
-    seller_id: str | None = None
-    country: str | None = None
+    seller_id: Id | None = None
+    country: Id | None = None
 
 
 class CategoryScore(_Record):
