@@ -64,6 +64,11 @@ test: install lint
 unit: $(INSTALLED)
 	$(PY) -m pytest tests/unit
 
+# Synthetic photos -> prepare -> train 3 epochs on the CPU -> evaluate -> export a new
+# version into model_repository/{cpu,gpu}; a running Triton (make stack) picks it up.
+train-demo: install
+	$(PY) -m training demo --out runs/demo
+
 # The benchmark starts its own Kafka and Triton on free ports (~10 min; needs a quiet machine).
 bench: install
 	$(PY) -m bench
