@@ -88,7 +88,8 @@ def build_model(num_classes: int, *, weights: str | Path | None = None) -> nn.Mo
     """A ResNet-34 with a `num_classes`-way head.
 
     `weights`:
-    - `None`: random initialisation (logged as a warning: such a model predicts noise).
+    - `None`: random initialisation, logged as a warning: right as the start of training
+      from scratch or to exercise the pipeline, wrong anywhere a trained model was meant.
     - `"imagenet"`: torchvision's `ResNet34_Weights.IMAGENET1K_V1` (downloaded to the torch
       hub cache on first use), then the 1000-way head is replaced by a fresh one.
     - a path: one of our checkpoints, either a dict holding `"model_state"` or a bare
@@ -99,7 +100,8 @@ def build_model(num_classes: int, *, weights: str | Path | None = None) -> nn.Mo
     if weights is None:
         logger.warning(
             "RANDOMLY INITIALISED ResNet-34 (%d classes): no checkpoint or pretrained weights "
-            "were given, so its predictions are noise. Use it only to exercise the pipeline.",
+            "given. Until it is trained it predicts at chance; serve it only to exercise the "
+            "pipeline.",
             num_classes,
         )
         random_init: nn.Module = torchvision.models.resnet34(weights=None, num_classes=num_classes)
