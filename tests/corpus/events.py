@@ -180,7 +180,7 @@ def event_cases(image_url: str) -> list[EventCase]:
         ),
     ]
     # Decodable events with odd but legal values: classified, the values kept unchanged.
-    for name, fields in {
+    odd: dict[str, dict[str, Any]] = {
         "odd-ids": {
             "listing_id": f"listing{odd_ids}",
             "image_id": odd_ids,
@@ -191,7 +191,8 @@ def event_cases(image_url: str) -> list[EventCase]:
         "listing-id-256": {"listing_id": "L" * 256},
         "uploaded-year-1": {"uploaded_at": -62135596800000},
         "uploaded-year-9999": {"uploaded_at": 253402300799000},
-    }.items():
+    }
+    for name, fields in odd.items():
         values = record(image_url, **fields)
         cases.append(EventCase(name, framed(values), SUGGESTED, values["listing_id"]))
     return cases

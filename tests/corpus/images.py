@@ -68,7 +68,7 @@ def encode(image: Image.Image | list[Image.Image], fmt: str, **options: object) 
     out = io.BytesIO()
     if len(frames) > 1:
         options = {"save_all": True, "append_images": frames[1:], "duration": 80, **options}
-    frames[0].save(out, format=fmt, **options)  # type: ignore[arg-type]
+    frames[0].save(out, format=fmt, **options)
     return out.getvalue()
 
 

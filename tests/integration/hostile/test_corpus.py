@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 import pytest
 from confluent_kafka import Message, Producer
@@ -215,7 +216,7 @@ def test_every_hostile_input_gets_its_one_expected_answer(
 
     # Good-but-odd images: exactly the scores of the model on decode_image of those bytes.
     session = ort.InferenceSession(str(served_model.onnx_path), providers=["CPUExecutionProvider"])
-    reference: dict[bytes, np.ndarray] = {}
+    reference: dict[bytes, npt.NDArray[np.float32]] = {}
     for case in cases:
         if case.expect != SUGGESTED:
             continue
