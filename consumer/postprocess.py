@@ -12,6 +12,7 @@ fault, not the event.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,12 +57,14 @@ def postprocess(
         )
     if len(labels) == 0:
         raise ModelContractError("the model has no classes")
-    if not np.all(np.isfinite(probabilities)):
-        raise ModelContractError(f"the model returned non-finite scores: {probabilities.tolist()}")
-    # A stable sort on the negated scores keeps the model's class order among equal scores,
-    # so the same row always yields the same ranking.
-    order = np.argsort(-probabilities.astype(np.float64), kind="stable")
-    scores = tuple(CategoryScore(labels[i], float(probabilities[i])) for i in order)
+    # Plain Python beats numpy's per-call overhead on a row of a handful of classes.
+    values = probabilities.tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise ModelContractError(f"the model returned non-finite scores: {values}")
+    # sorted() is stable: equal scores keep the model's class order, so the same row always
+    # yields the same ranking.
+    order = sorted(range(len(values)), key=values.__getitem__, reverse=True)
+    scores = tuple(CategoryScore(labels[i], values[i]) for i in order)
     top = scores[0]
     return Prediction(
         category=top.category,
