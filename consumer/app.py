@@ -9,6 +9,21 @@ infrastructure fault outlasted shutdown; the offset stays uncommitted and the ev
 consumed again). Offsets are stored only for the first two, and only when every earlier
 offset of the partition is done (offsets.py).
 
+Delivery modes (settings.delivery):
+
+- at_least_once: each answer is published as soon as it is ready and its offset stored
+  once acknowledged; a crash repeats the answers not yet committed (at most the in-flight
+  window plus one commit interval), and answers of one key may come out of order.
+- exactly_once: answers wait in a per-partition buffer; every
+  `consumer.transaction_interval_s` the ready prefix of each partition (every earlier
+  offset answered) is published in offset order inside one Kafka transaction that also
+  commits those offsets for the group (KIP-447: with the consumer's group metadata, so a
+  zombie's transaction is refused). A read_committed reader sees each answer once, in
+  input order per partition. An aborted transaction is sent again with the same records
+  (they are still in memory, so nothing is re-read); a fenced producer stops the service
+  and a new process resumes from the committed offsets. Buffered answers count as in
+  flight for back-pressure.
+
 Back-pressure: when `consumer.max_inflight` events are in flight every partition is
 paused (polling goes on, so the group does not evict us); they resume at
 `consumer.resume_inflight`. Each step bounds its own concurrency as well.
@@ -34,7 +49,13 @@ from prometheus_client import CollectorRegistry
 from consumer import __version__
 from consumer.batch import Batcher
 from consumer.consume import KafkaSource, Partition
-from consumer.errors import BadInputError, InfrastructureError, PublishError, SuggesterError
+from consumer.errors import (
+    BadInputError,
+    InfrastructureError,
+    PublishError,
+    PublishFatalError,
+    SuggesterError,
+)
 from consumer.events import (
     CategoryScore,
     CategorySuggestion,
@@ -51,7 +72,7 @@ from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.postprocess import postprocess
 from consumer.preprocess import Decoder
-from consumer.publish import Publisher
+from consumer.publish import OutputRecord, Publisher, TransactionalPublisher
 from consumer.settings import DeliveryMode, Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +87,16 @@ class _Stopwatch:
     attempts: int = 1
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """An answer waiting for its transaction (exactly-once)."""
+
+    record: OutputRecord
+    # Suggestions: for the end-to-end latency, observed once the transaction commits.
+    uploaded_at: datetime | None
+    ready_at: float
+
+
 class Pipeline:
     """Turns consumed messages into suggestions or DLQ records; tracks their offsets."""
 
@@ -78,11 +109,15 @@ class Pipeline:
         fetcher: ImageFetcher,
         decoder: Decoder,
         batcher: Batcher,
-        publisher: Publisher,
+        publisher: Publisher | None,
         model: ModelInfo,
         stop: asyncio.Event,
         on_fatal: Callable[[SuggesterError], None],
+        transactions: TransactionalPublisher | None = None,
     ) -> None:
+        """`publisher` for at-least-once delivery, or `transactions` for exactly-once."""
+        if (publisher is None) == (transactions is None):
+            raise ValueError("give either a publisher or a transactional publisher")
         self._settings = settings
         self._on_fatal = on_fatal
         self._metrics = metrics
@@ -91,6 +126,12 @@ class Pipeline:
         self._decoder = decoder
         self._batcher = batcher
         self._publisher = publisher
+        self._transactions = transactions
+        # Exactly-once: answers by partition and offset until their transaction commits.
+        self._answers: dict[Partition, dict[int, _Answer]] = defaultdict(dict)
+        self._commit_lock = asyncio.Lock()
+        self._commit_wanted = asyncio.Event()
+        self._committing = True
         self._model = model
         # Set when the shutdown grace period is over: retries of outages give up then.
         self._stop = stop
@@ -123,13 +164,25 @@ class Pipeline:
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         for tp in partitions:
             self._tracker.forget(tp)
+            self._drop_answers(tp)
 
     async def on_revoked(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
-        """Give the moving partitions' work the grace period, then abandon what is left."""
+        """Give the moving partitions' work the grace period, then abandon what is left.
+
+        Returns the offsets to commit (at-least-once); exactly-once commits the finished
+        work in a transaction here, before the partitions move, and returns none.
+        """
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._settings.consumer.shutdown_grace_s
         tasks = [t for tp in partitions for t in self._tasks.get(tp, {}).values()]
         if tasks:
             log.info("finishing in-flight work of revoked partitions", extra={"count": len(tasks)})
             await asyncio.wait(tasks, timeout=self._settings.consumer.shutdown_grace_s)
+        if self._transactions is not None:
+            await self.commit_answers(partitions, give_up_at=give_up_at)
+            for tp in partitions:
+                self._abandon(tp)
+            return {}
         offsets: dict[Partition, int] = {}
         for tp in partitions:
             committable = self._tracker.committable(tp)
@@ -149,6 +202,9 @@ class Pipeline:
         return self._inflight
 
     def committable(self) -> dict[Partition, int]:
+        """Offsets to commit as the consumer's own (at-least-once; none in exactly-once)."""
+        if self._transactions is not None:
+            return {}
         offsets = {}
         for tp in self._tracker.partitions():
             committable = self._tracker.committable(tp)
@@ -170,6 +226,131 @@ class Pipeline:
         for task in self._tasks.pop(tp, {}).values():
             task.cancel()
         self._tracker.forget(tp)
+        self._drop_answers(tp)
+
+    def _drop_answers(self, tp: Partition) -> None:
+        """Forget a partition's uncommitted answers: its next owner answers them again."""
+        dropped = self._answers.pop(tp, {})
+        if dropped:
+            self._done(len(dropped))
+
+    def _done(self, count: int) -> None:
+        """`count` events left the in-flight window: resume and report idle as due."""
+        self._inflight -= count
+        self._metrics.inflight.set(self._inflight)
+        if self._paused and self._inflight <= self._settings.consumer.resume_inflight:
+            self._paused = False
+            if self.source is not None:
+                self.source.resume_all()
+        if self._inflight == 0:
+            self._idle.set()
+
+    # -- exactly-once: transactions ------------------------------------------------------
+
+    async def run_transactions(self) -> None:
+        """Commit ready answers as they come, at most once per transaction interval.
+
+        Runs until `stop_transactions()`; a commit under way is finished, never cancelled
+        (its outcome decides which answers are still pending).
+        """
+        loop = asyncio.get_running_loop()
+        interval = self._settings.consumer.transaction_interval_s
+        while self._committing:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            if not self._committing:
+                break
+            started = loop.time()
+            await self.commit_answers()
+            # Whatever finishes meanwhile joins the next transaction.
+            await _wait_or_stop(self._stop, max(0.0, interval - (loop.time() - started)))
+
+    def stop_transactions(self) -> None:
+        self._committing = False
+        self._commit_wanted.set()
+
+    async def commit_answers(
+        self, partitions: Sequence[Partition] | None = None, *, give_up_at: float | None = None
+    ) -> bool:
+        """Commit the ready answers (of `partitions`, default all) in one transaction.
+
+        An aborted transaction is retried with backoff, re-collected each time (a partition
+        lost meanwhile drops out), until it commits, the service stops or `give_up_at` (a
+        loop time) passes. Returns whether nothing ready is left uncommitted.
+        """
+        assert self._transactions is not None
+        loop = asyncio.get_running_loop()
+        delay = self._settings.triton.retry_backoff_base_s
+        async with self._commit_lock:
+            while True:
+                records, offsets, taken = self._ready_answers(partitions)
+                if not records:
+                    return True
+                metadata = self.source.group_metadata() if self.source is not None else None
+                if metadata is None:
+                    return False
+                try:
+                    await self._transactions.commit([a.record for a in records], offsets, metadata)
+                except PublishError as exc:
+                    if not exc.retryable:
+                        log.error("transactions stopped", extra={"error": exc.message})
+                        self._on_fatal(exc)
+                        return False
+                    self._metrics.retries.labels(stage="publish").inc()
+                    log.warning(
+                        "transaction aborted; its answers go into the next one",
+                        extra={"count": len(records), "error": exc.message},
+                    )
+                    out_of_time = give_up_at is not None and loop.time() >= give_up_at
+                    if self._stop.is_set() or out_of_time:
+                        return False
+                    await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
+                    delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+                    continue
+                self._committed(records, taken)
+                return True
+
+    def _ready_answers(
+        self, partitions: Sequence[Partition] | None
+    ) -> tuple[list[_Answer], dict[Partition, int], dict[Partition, list[int]]]:
+        """Per partition, the answers below its committable offset, in offset order."""
+        records: list[_Answer] = []
+        offsets: dict[Partition, int] = {}
+        taken: dict[Partition, list[int]] = {}
+        for tp, answers in self._answers.items():
+            if partitions is not None and tp not in partitions:
+                continue
+            committable = self._tracker.committable(tp)
+            if committable is None:
+                continue
+            ready = sorted(o for o in answers if o < committable)
+            if ready:
+                records += [answers[o] for o in ready]
+                offsets[tp] = committable
+                taken[tp] = ready
+        return records, offsets, taken
+
+    def _committed(self, records: list[_Answer], taken: dict[Partition, list[int]]) -> None:
+        now = time.perf_counter()
+        wall = time.time()
+        for answer in records:
+            self._metrics.stage_latency.labels(stage="publish").observe(now - answer.ready_at)
+            if answer.uploaded_at is not None:
+                latency = max(0.0, wall - answer.uploaded_at.timestamp())
+                self._metrics.end_to_end_latency.observe(latency)
+        finished = 0
+        for tp, done in taken.items():
+            # A partition lost during the commit has been dropped already.
+            answers = self._answers.get(tp)
+            if answers is None:
+                continue
+            for offset in done:
+                if answers.pop(offset, None) is not None:
+                    finished += 1
+            if not answers:
+                del self._answers[tp]
+        if finished:
+            self._done(finished)
 
     # -- one event -----------------------------------------------------------------------
 
@@ -200,18 +381,16 @@ class Pipeline:
                     delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
         finally:
             self._tasks.get(tp, {}).pop(offset, None)
-            self._inflight -= 1
-            self._metrics.inflight.set(self._inflight)
             if answered:
                 committable = self._tracker.finish(tp, offset)
-                if committable is not None and self.source is not None:
+                if self._transactions is not None:
+                    if committable is not None:
+                        self._commit_wanted.set()
+                elif committable is not None and self.source is not None:
                     self.source.store({tp: committable})
-            if self._paused and self._inflight <= self._settings.consumer.resume_inflight:
-                self._paused = False
-                if self.source is not None:
-                    self.source.resume_all()
-            if self._inflight == 0:
-                self._idle.set()
+            if not (answered and self._transactions is not None):
+                # Exactly-once: an answer stays in flight until its transaction commits.
+                self._done(1)
 
     async def _answer(self, message: Message) -> None:
         watch = _Stopwatch()
@@ -260,19 +439,15 @@ class Pipeline:
             ),
             produced_at=now,
         )
-        started = time.perf_counter()
-        await self._publish(
+        record = OutputRecord(
             self._settings.kafka.output_topic,
             event.listing_id.encode(),
             self._codec.encode_suggestion(suggestion),
         )
-        published = time.perf_counter()
         stage = self._metrics.stage_latency
         stage.labels(stage="fetch").observe(watch.fetch_s)
         stage.labels(stage="decode").observe(watch.decode_s)
-        stage.labels(stage="publish").observe(published - started)
-        uploaded = event.uploaded_at.timestamp()
-        self._metrics.end_to_end_latency.observe(max(0.0, time.time() - uploaded))
+        await self._emit(message, record, uploaded_at=event.uploaded_at)
         self._metrics.events.labels(outcome="suggested").inc()
         self._metrics.suggestions.labels(confident=str(prediction.confident).lower()).inc()
 
@@ -286,9 +461,10 @@ class Pipeline:
             service_version=__version__,
         )
         headers = original_headers(message) + dlq_headers(info)
-        await self._publish(
+        record = OutputRecord(
             self._settings.kafka.dlq_topic, message.key(), message.value() or b"", headers
         )
+        await self._emit(message, record, uploaded_at=None)
         log.info(
             "event dead-lettered",
             extra={
@@ -301,21 +477,37 @@ class Pipeline:
         self._metrics.dlq.labels(stage=exc.stage, reason=exc.reason).inc()
         self._metrics.events.labels(outcome="dead_lettered").inc()
 
-    async def _publish(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] = (),
+    async def _emit(
+        self, message: Message, record: OutputRecord, *, uploaded_at: datetime | None
     ) -> None:
+        """At-least-once: publish now. Exactly-once: keep for the partition's transaction."""
+        if self._transactions is not None:
+            tp = (message.topic() or "", message.partition() or 0)
+            self._answers[tp][message.offset() or 0] = _Answer(
+                record, uploaded_at, time.perf_counter()
+            )
+            return
+        started = time.perf_counter()
+        await self._publish(record)
+        published = time.perf_counter()
+        self._metrics.stage_latency.labels(stage="publish").observe(published - started)
+        if uploaded_at is not None:
+            latency = max(0.0, time.time() - uploaded_at.timestamp())
+            self._metrics.end_to_end_latency.observe(latency)
+
+    async def _publish(self, record: OutputRecord) -> None:
         """Publish until acknowledged; a broker fault is retried, never dead-lettered."""
+        assert self._publisher is not None
+        topic = record.topic
         delay = self._settings.triton.retry_backoff_base_s
         while True:
             try:
-                await self._publisher.publish(topic, key, value, headers)
+                await self._publisher.publish(topic, record.key, record.value, record.headers)
                 return
             except PublishError as exc:
-                if self._stop.is_set():
+                # A producer broken for good (a fatal idempotence error) is not retried:
+                # _process stops the service on it.
+                if not exc.retryable or self._stop.is_set():
                     raise
                 self._metrics.retries.labels(stage="publish").inc()
                 log.warning(
@@ -358,8 +550,6 @@ class Service:
     """The running service: builds every step from settings and owns their lifetimes."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
-        if settings.delivery is DeliveryMode.EXACTLY_ONCE:
-            raise NotImplementedError("delivery=exactly_once is not available in this build")
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -401,8 +591,19 @@ class Service:
         )
         codec = make_codec(settings)
         await asyncio.to_thread(codec.prepare)
-        publisher = Publisher(settings)
-        publisher.start()
+        publisher: Publisher | None = None
+        transactions: TransactionalPublisher | None = None
+        if settings.delivery is DeliveryMode.EXACTLY_ONCE:
+            transactions = TransactionalPublisher(settings)
+            # Fences an older process with the same transactional.id, aborting its
+            # open transaction, before this one reads a single offset.
+            await transactions.start()
+            log.info(
+                "exactly-once delivery", extra={"transactional_id": transactions.transactional_id}
+            )
+        else:
+            publisher = Publisher(settings)
+            publisher.start()
         async with contextlib.AsyncExitStack() as resources:
             decoder = resources.enter_context(Decoder(settings.decode))
             fetcher = await resources.enter_async_context(ImageFetcher(settings.fetch))
@@ -415,6 +616,7 @@ class Service:
                 decoder=decoder,
                 batcher=batcher,
                 publisher=publisher,
+                transactions=transactions,
                 model=model,
                 stop=self._give_up,
                 on_fatal=self._fatal,
@@ -422,6 +624,10 @@ class Service:
             source = KafkaSource(settings, metrics, pipeline)
             pipeline.source = source
             self._source = source
+            committer = None
+            if transactions is not None:
+                committer = asyncio.create_task(pipeline.run_transactions())
+                committer.add_done_callback(self._committer_done)
             source.start()
             log.info("consuming", extra={"topic": settings.kafka.input_topic})
             await self._shutdown.wait()
@@ -436,13 +642,27 @@ class Service:
                 )
             self._give_up.set()
             final_offsets = pipeline.committable()
+            if committer is not None:
+                pipeline.stop_transactions()
+                await committer
+                # One last transaction for what finished while the grace period ran out.
+                await pipeline.commit_answers()
             pipeline.abandon_all()
-            await publisher.close()
+            if transactions is not None:
+                await transactions.close()
+            if publisher is not None:
+                await publisher.close()
             await source.close(final_offsets)
             await batcher.aclose()
         await classifier.aclose()
         await self.health.close()
         log.info("stopped")
+
+    def _committer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.error("the transaction loop failed", exc_info=error)
+            self._fatal(PublishFatalError(f"the transaction loop failed: {error!r}"))
 
     def _alive(self) -> bool:
         return self._source is None or self._source.alive

@@ -10,9 +10,15 @@ rebalance callbacks. A revoke blocks that thread, not the event loop, while the 
 finishes (or abandons, after the grace period) the work of the partitions that move, so
 their offsets can be committed before another member takes them over.
 
-Offsets: `enable.auto.offset.store=false`; the app stores an offset only when every
-earlier offset of its partition is answered (see offsets.py); librdkafka commits stored
-offsets every `commit_interval_s`, and we commit synchronously on revoke and on close.
+Offsets, at-least-once: `enable.auto.offset.store=false`; the app stores an offset only
+when every earlier offset of its partition is answered (see offsets.py); librdkafka
+commits stored offsets every `commit_interval_s`, and we commit synchronously on revoke
+and on close.
+
+Offsets, exactly-once: the consumer commits nothing itself (`enable.auto.commit=false`);
+the app commits offsets inside its producer's transactions, with the group metadata this
+thread keeps current in `group_metadata()` (the generation changes on every rebalance,
+and a transaction carrying a stale one is refused by the broker, which fences zombies).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from consumer.metrics import Metrics
-from consumer.settings import Settings
+from consumer.settings import DeliveryMode, Settings
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,9 @@ def consumer_config(settings: Settings, stats_cb: Callable[[str], None] | None) 
             "statistics.interval.ms": kafka.statistics_interval_ms,
         }
     )
+    if settings.delivery is DeliveryMode.EXACTLY_ONCE:
+        # Offsets are committed only inside the producer's transactions.
+        conf["enable.auto.commit"] = False
     if kafka.group_instance_id:
         conf["group.instance.id"] = kafka.group_instance_id
     if stats_cb is not None and kafka.statistics_interval_ms > 0:
@@ -108,6 +117,8 @@ class KafkaSource:
         self._assigned: set[Partition] = set()
         self._paused: set[Partition] = set()
         self._want_paused = False
+        self._transactional = settings.delivery is DeliveryMode.EXACTLY_ONCE
+        self._group_metadata: object | None = None
         self.fatal_error: KafkaException | None = None
 
     # -- called on the event loop -------------------------------------------------------
@@ -148,6 +159,11 @@ class KafkaSource:
             # Join off the loop: the thread may still call back into it during close.
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
+    def group_metadata(self) -> object | None:
+        """The consumer's group metadata as of the last poll or rebalance (exactly-once:
+        what a transaction sends with its offsets); None before the first poll."""
+        return self._group_metadata
+
     @property
     def assigned(self) -> frozenset[Partition]:
         return frozenset(self._assigned)
@@ -170,11 +186,13 @@ class KafkaSource:
                     timeout=self.POLL_TIMEOUT_S,
                 )
                 self._metrics.last_poll.set_to_current_time()
+                self._refresh_group_metadata()
                 good = [m for m in messages if not self._is_error(m)]
                 if good:
                     self._call_soon(self._handler.on_messages, good)
             self._apply_requests()
-            self._commit_sync()
+            if not self._transactional:
+                self._commit_sync()
         except KafkaException as exc:
             self.fatal_error = exc
             log.error("kafka consumer failed", extra={"error": str(exc)})
@@ -229,6 +247,10 @@ class KafkaSource:
             self._paused -= partitions
             self._metrics.paused_partitions.set(len(self._paused))
 
+    def _refresh_group_metadata(self) -> None:
+        if self._transactional:
+            self._group_metadata = self._consumer.consumer_group_metadata()
+
     def _commit_sync(self) -> None:
         try:
             self._consumer.commit(asynchronous=False)
@@ -244,6 +266,7 @@ class KafkaSource:
     # -- rebalance callbacks (on the consumer thread, inside consume()) ------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._refresh_group_metadata()
         assigned = [(tp.topic, tp.partition) for tp in partitions]
         self._assigned.update(assigned)
         self._metrics.assigned_partitions.set(len(self._assigned))
@@ -256,6 +279,8 @@ class KafkaSource:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [(tp.topic, tp.partition) for tp in partitions]
         assert self._loop is not None
+        # The handler may commit a transaction for these partitions now, in this generation.
+        self._refresh_group_metadata()
         offsets: dict[Partition, int] = {}
         if not self._loop.is_closed():
             future = asyncio.run_coroutine_threadsafe(self._handler.on_revoked(revoked), self._loop)

@@ -20,6 +20,7 @@ Every failure of a step is one of these. Two kinds matter to the pipeline:
         ├── InferenceUnavailableError stage=infer
         ├── ModelContractError        stage=startup (the served model breaks the contract)
         ├── PublishError              stage=publish
+        │   └── PublishFatalError     the producer cannot go on (fenced, broken): stop
         └── RegistryError             stage=registry (unreachable; or it refused our schema)
 """
 
@@ -94,6 +95,15 @@ class ModelContractError(InfrastructureError):
 class PublishError(InfrastructureError):
     stage = "publish"
     default_reason = "publish_failed"
+
+
+class PublishFatalError(PublishError):
+    """The producer cannot go on: fenced by a newer process with its transactional.id, or
+    in a fatal state. Retrying cannot help; the service stops and a new process resumes
+    from the committed offsets."""
+
+    default_reason = "publish_fatal"
+    retryable = False
 
 
 class RegistryError(InfrastructureError):

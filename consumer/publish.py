@@ -1,25 +1,36 @@
 """Last step: publish suggestions and dead-letter records to Kafka.
 
-Takes: a topic, key, value bytes and headers. `publish` returns once the broker has
-acknowledged the record (acks=all, idempotent producer), so the caller may then store the
-input offset. Raises `PublishError` when the broker refuses it for good (delivery timeout,
-unknown topic, not authorised); the caller keeps the input offset unstored and retries.
+At-least-once (`Publisher`). Takes: a topic, key, value bytes and headers. `publish`
+returns once the broker has acknowledged the record (acks=all, idempotent producer), so
+the caller may then store the input offset. Raises `PublishError` when the broker refuses
+it for good (delivery timeout, unknown topic, not authorised); the caller keeps the input
+offset unstored and retries. A thread of its own serves the producer's delivery reports
+and resolves the asyncio futures on the event loop.
 
-A thread of its own serves the producer's delivery reports and resolves the asyncio
-futures on the event loop.
+Exactly-once (`TransactionalPublisher`). Takes: records in the order they must appear,
+the input offsets they answer and the consumer's group metadata. `commit` makes them one
+Kafka transaction: the records and the offsets become visible together (to
+read_committed readers and to the group) or not at all. Raises `PublishError`: retryable
+when the transaction was aborted (the caller sends the same records again), not retryable
+when the producer is fenced or broken (a newer process took over its transactional.id;
+this one must stop). Every producer call runs on one thread of its own, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from consumer.errors import PublishError
+from consumer.errors import PublishError, PublishFatalError
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,3 +120,141 @@ def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
     else:
         reason = "publish_fatal" if err.fatal() else "publish_failed"
         future.set_exception(PublishError(f"delivery failed: {err.str()}", reason=reason))
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One record to publish: a suggestion or a dead-letter record."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers = ()
+
+
+def transactional_id(settings: Settings) -> str:
+    """The configured transactional.id, else one derived as settings.py describes."""
+    kafka = settings.kafka
+    if kafka.transactional_id:
+        return kafka.transactional_id
+    if kafka.group_instance_id:
+        return f"{kafka.group_id}.{kafka.group_instance_id}"
+    return f"{kafka.group_id}.{uuid.uuid4().hex}"
+
+
+def transactional_config(settings: Settings) -> dict[str, Any]:
+    conf = producer_config(settings)
+    # librdkafka derives the delivery and socket timeouts from the transaction timeout; an
+    # explicit delivery timeout longer than it is refused.
+    conf.pop("delivery.timeout.ms", None)
+    conf.update(
+        {
+            "transactional.id": transactional_id(settings),
+            "transaction.timeout.ms": settings.kafka.transaction_timeout_ms,
+        }
+    )
+    conf.update(settings.kafka.extra)
+    return conf
+
+
+class TransactionalPublisher:
+    """A transactional producer: each `commit` is one transaction of records and offsets."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+    ) -> None:
+        conf = transactional_config(settings)
+        self.transactional_id: str = conf["transactional.id"]
+        self._timeout_s = settings.kafka.transaction_timeout_ms / 1000
+        self._producer = producer_factory(conf)
+        # One thread: the transactional calls must not overlap, and they block.
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-txn")
+
+    async def start(self) -> None:
+        """Register the transactional.id: fences an older producer with the same id and
+        aborts its open transaction. Raises `PublishError` when the broker refuses."""
+        try:
+            await self._call(self._producer.init_transactions, self._timeout_s)
+        except KafkaException as exc:
+            raise PublishFatalError(f"init_transactions failed: {exc.args[0].str()}") from exc
+
+    async def commit(
+        self,
+        records: Sequence[OutputRecord],
+        offsets: Mapping[tuple[str, int], int],
+        group_metadata: object,
+    ) -> None:
+        """Publish `records` in this order and commit `offsets` (next offsets to read) for
+        the group, atomically. See the module docstring for what it raises."""
+        await self._call(self._transaction, records, offsets, group_metadata)
+
+    async def close(self) -> None:
+        """Close after the last commit: nothing is pending then."""
+        await self._call(self._producer.flush, 5.0)
+        self._thread.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # -- on the producer's thread ---------------------------------------------------------
+
+    def _transaction(
+        self,
+        records: Sequence[OutputRecord],
+        offsets: Mapping[tuple[str, int], int],
+        group_metadata: object,
+    ) -> None:
+        producer = self._producer
+        try:
+            producer.begin_transaction()
+            for record in records:
+                self._produce(record)
+            positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            self._retrying(
+                lambda: producer.send_offsets_to_transaction(
+                    positions, group_metadata, self._timeout_s
+                )
+            )
+            self._retrying(lambda: producer.commit_transaction(self._timeout_s))
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.fatal():
+                raise PublishFatalError(f"transactional producer failed: {error.str()}") from exc
+            self._abort()
+            raise PublishError(f"transaction aborted: {error.str()}") from exc
+
+    def _produce(self, record: OutputRecord) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    record.topic, value=record.value, key=record.key, headers=list(record.headers)
+                )
+                return
+            except BufferError:
+                # The local queue is full: serve deliveries to make room.
+                self._producer.poll(0.1)
+
+    def _retrying(self, call: Callable[[], None]) -> None:
+        """Run `call`, again while librdkafka says the same call may succeed."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                call()
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if not error.retriable() or time.monotonic() >= deadline:
+                    raise
+
+    def _abort(self) -> None:
+        try:
+            self._retrying(lambda: self._producer.abort_transaction(self._timeout_s))
+        except KafkaException as exc:
+            # Not aborted: this producer cannot go on; a new process resumes from the
+            # committed offsets.
+            raise PublishFatalError(
+                f"aborting the transaction failed: {exc.args[0].str()}"
+            ) from exc

@@ -52,6 +52,13 @@ class KafkaSettings(_Section):
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
     ssl_key_password: SecretStr | None = None
+    # Exactly-once delivery only. The producer's transactional.id; unset: derived from the
+    # group and group_instance_id (stable across restarts, so a restarted pod fences its
+    # predecessor and aborts its open transaction at once), or random per process without
+    # static membership (a crashed process's open transaction then holds its partitions
+    # until transaction_timeout_ms ends it).
+    transactional_id: str | None = None
+    transaction_timeout_ms: int = Field(default=10_000, ge=1_000)
     # Any other librdkafka property, applied last (e.g. {"fetch.min.bytes": "1"}).
     extra: dict[str, str] = Field(default_factory=dict)
 
@@ -158,6 +165,8 @@ class ConsumerSettings(_Section):
     resume_inflight: int = Field(default=256, ge=0)
     poll_batch: int = Field(default=256, gt=0)
     commit_interval_s: float = Field(default=1.0, gt=0)
+    # Exactly-once delivery only: results are committed in one transaction this often.
+    transaction_interval_s: float = Field(default=0.1, gt=0)
     shutdown_grace_s: float = Field(default=20.0, ge=0)
 
     @model_validator(mode="after")

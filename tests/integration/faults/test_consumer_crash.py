@@ -1,0 +1,108 @@
+"""Consumer processes crash (kill -9) or are restarted (SIGTERM) while events flow."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from devstack.kafka import KafkaBroker
+from tests.conftest import ServiceFactory, Topics
+from tests.integration.faults.harness import (
+    FAULT_ENV,
+    EventFlow,
+    FaultRecord,
+    LedgerWatch,
+    ServiceGroup,
+    tiny_photos,
+)
+from tests.support.origin import ImageOrigin
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    events: int
+    consumers: int = 3
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        pytest.param(Plan(rounds=3, events=1000), id="short"),
+        pytest.param(
+            Plan(rounds=20, events=10_000),
+            id="long",
+            marks=[pytest.mark.chaos, pytest.mark.timeout(7200)],
+        ),
+    ],
+)
+def test_kill_9_of_consumers_loses_nothing_and_duplicates_at_most_the_window(
+    plan: Plan,
+    kafka: KafkaBroker,
+    topics: Topics,
+    image_origin: ImageOrigin,
+    start_service: ServiceFactory,
+    fault_records: list[FaultRecord],
+) -> None:
+    urls = tiny_photos(image_origin, "crash")
+    group = ServiceGroup(start_service, plan.consumers).start()
+    watch = LedgerWatch(kafka.bootstrap_servers, topics)
+    rng = random.Random(9)
+    kills = 0
+    ready_s: list[float] = []
+    drain_s: list[float] = []
+    started = time.monotonic()
+    for round_no in range(plan.rounds):
+        before = plan.events * round_no
+        flow = EventFlow(
+            kafka.bootstrap_servers, topics.input, urls, plan.events, key_prefix=f"r{round_no}"
+        ).start()
+        # Mid-stream: a third of this round answered.
+        watch.progress(before + plan.events // 3, timeout_s=120)
+        victims = rng.sample(range(plan.consumers), rng.randint(1, plan.consumers - 1))
+        killed_at = time.monotonic()
+        group.kill(victims)
+        kills += len(victims)
+        group.restart(victims)
+        ready_s.append(time.monotonic() - killed_at)
+        flow.join()
+        watch.answered(before + plan.events, timeout_s=300, diagnostics=group.logs)
+        drain_s.append(time.monotonic() - killed_at)
+    elapsed = time.monotonic() - started
+    assert group.terminate_all() == [0] * plan.consumers
+    totals = watch.totals()
+    watch.close()
+
+    # A crash repeats what the dead process had answered but not yet committed: at most
+    # its in-flight window (max_inflight plus one poll batch) and what it finished within
+    # one commit interval (1 s) at the rate measured here.
+    rate = totals.events / elapsed
+    window = int(FAULT_ENV["SUGGESTER_CONSUMER__MAX_INFLIGHT"]) + int(
+        FAULT_ENV["SUGGESTER_CONSUMER__POLL_BATCH"]
+    )
+    bound = kills * (window + int(rate * 1.0) + 1)
+    fault_records.append(
+        FaultRecord(
+            "kill -9 consumers",
+            f"at_least_once {plan.rounds}x{plan.events}",
+            totals,
+            {
+                "kills": kills,
+                "dup_bound": bound,
+                "events_per_s": rate,
+                "ready_s_max": max(ready_s),
+                "drain_s_max": max(drain_s),
+                "drain_s_mean": sum(drain_s) / len(drain_s),
+            },
+        )
+    )
+    assert totals.events == plan.rounds * plan.events
+    assert totals.lost == 0, totals.lost_sample
+    assert totals.dead_lettered_total == 0
+    assert totals.foreign == 0
+    assert totals.extra_answers <= bound, f"{totals.extra_answers} duplicates > bound {bound}"

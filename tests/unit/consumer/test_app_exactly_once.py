@@ -1,0 +1,287 @@
+"""The pipeline in exactly-once mode, with fakes: transactions in offset order, with offsets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from confluent_kafka import Message
+from prometheus_client import CollectorRegistry
+
+from consumer.app import Pipeline
+from consumer.batch import BatchResult
+from consumer.errors import FetchRefusedError, PublishError, PublishFatalError, SuggesterError
+from consumer.events import EventCodec
+from consumer.fetch import FetchedImage
+from consumer.infer import ModelInfo
+from consumer.metrics import Metrics
+from consumer.publish import OutputRecord
+from consumer.settings import ConsumerSettings, Settings
+from tests.support.kafka import make_event
+
+LABELS = ("books", "car", "furniture", "mobile", "motorcycle")
+MODEL = ModelInfo("category_classifier", "3", 8, 4, LABELS)
+CODEC = EventCodec()
+TOPIC = "in"
+
+
+class GatedFetcher:
+    """Fetches wait for their URL's gate, when it has one; `refused` URLs are bad input."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def fetch(self, url: str) -> FetchedImage:
+        if url.startswith("http://refused"):
+            raise FetchRefusedError("private address", reason="address_refused")
+        if url in self.gates:
+            await self.gates[url].wait()
+        return FetchedImage(
+            data=b"\xff\xd8\xff", format="JPEG", final_url=url, status=200, attempts=1,
+            redirects=0, elapsed_s=0.01,
+        )  # fmt: skip
+
+
+class FakeDecoder:
+    async def decode(self, data: bytes, size: int) -> tuple[np.ndarray, float]:
+        return np.zeros((size, size, 3), np.uint8), 0.001
+
+
+class FakeBatcher:
+    async def submit(self, image: np.ndarray) -> BatchResult:
+        probabilities = np.array([0.1, 0.6, 0.1, 0.1, 0.1], np.float32)
+        return BatchResult(probabilities, queue_s=0.002, infer_s=0.01, batch_size=1)
+
+
+@dataclass
+class FakeTransactions:
+    """Commits are recorded; queued failures are raised first, one per commit."""
+
+    failures: list[PublishError] = field(default_factory=list)
+    commits: list[tuple[list[OutputRecord], dict[tuple[str, int], int]]] = field(
+        default_factory=list
+    )
+    attempts: int = 0
+
+    async def commit(
+        self,
+        records: Sequence[OutputRecord],
+        offsets: Mapping[tuple[str, int], int],
+        group_metadata: object,
+    ) -> None:
+        assert group_metadata == "generation-1"
+        self.attempts += 1
+        await asyncio.sleep(0)  # a real commit yields to the loop
+        if self.failures:
+            raise self.failures.pop(0)
+        self.commits.append((list(records), dict(offsets)))
+
+    def committed_offsets(self) -> list[int]:
+        """Input offsets of the committed suggestions, via their source event ids."""
+        return [r for records, _ in self.commits for r in _sources(records)]
+
+
+SOURCES: dict[str, int] = {}
+
+
+def _sources(records: Sequence[OutputRecord]) -> list[int]:
+    out = []
+    for record in records:
+        if record.topic == "out":
+            out.append(SOURCES[str(CODEC.decode_suggestion(record.value).source_event_id)])
+        else:
+            out.append(int(dict(record.headers)["dlq.original.offset"]))
+    return out
+
+
+@dataclass
+class FakeSource:
+    pauses: int = 0
+    resumes: int = 0
+
+    def store(self, offsets: dict[tuple[str, int], int]) -> None:
+        raise AssertionError("exactly-once never stores offsets in the consumer")
+
+    def pause_all(self) -> None:
+        self.pauses += 1
+
+    def resume_all(self) -> None:
+        self.resumes += 1
+
+    def group_metadata(self) -> object:
+        return "generation-1"
+
+
+def message(offset: int, url: str, partition: int = 0) -> Message:
+    event = make_event(url, uploaded_at=datetime.now(UTC))
+    SOURCES[str(event.event_id)] = offset
+    return Message(
+        topic=TOPIC, partition=partition, offset=offset, key=event.listing_id.encode(),
+        value=CODEC.encode_uploaded(event),
+    )  # fmt: skip
+
+
+def make_pipeline(
+    transactions: FakeTransactions, fetcher: GatedFetcher, consumer: ConsumerSettings | None = None
+) -> tuple[Pipeline, FakeSource, list[SuggesterError]]:
+    settings = Settings(
+        delivery="exactly_once",
+        kafka={"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"},
+        triton={"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
+        consumer=consumer or ConsumerSettings(transaction_interval_s=0.001),
+    )
+    fatal: list[SuggesterError] = []
+    pipeline = Pipeline(
+        settings,
+        Metrics(CollectorRegistry()),
+        codec=CODEC,
+        fetcher=fetcher,  # type: ignore[arg-type]
+        decoder=FakeDecoder(),  # type: ignore[arg-type]
+        batcher=FakeBatcher(),  # type: ignore[arg-type]
+        publisher=None,
+        transactions=transactions,  # type: ignore[arg-type]
+        model=MODEL,
+        stop=asyncio.Event(),
+        on_fatal=fatal.append,
+    )
+    source = FakeSource()
+    pipeline.source = source  # type: ignore[assignment]
+    return pipeline, source, fatal
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_answers_are_committed_in_offset_order_with_their_offsets() -> None:
+    fetcher = GatedFetcher()
+    fetcher.gates["http://o/slow.jpg"] = asyncio.Event()
+    transactions = FakeTransactions()
+    pipeline, _source, _ = make_pipeline(transactions, fetcher)
+    # Offset 10 is slow; 11-13 finish first, 12 is bad input (a DLQ record).
+    pipeline.on_messages(
+        [
+            message(10, "http://o/slow.jpg"),
+            message(11, "http://o/a.jpg"),
+            message(12, "http://refused/x.jpg"),
+            message(13, "http://o/b.jpg"),
+        ]
+    )
+    await settle()
+    assert await pipeline.commit_answers()
+    assert transactions.commits == [], "nothing may be published past an unanswered offset"
+    assert pipeline.inflight == 4
+
+    fetcher.gates["http://o/slow.jpg"].set()
+    await settle()
+    assert await pipeline.commit_answers()
+    (records, offsets), *_ = transactions.commits
+    assert _sources(records) == [10, 11, 12, 13]
+    assert [r.topic for r in records] == ["out", "out", "dlq", "out"]
+    assert offsets == {(TOPIC, 0): 14}
+    assert pipeline.inflight == 0
+    assert await pipeline.wait_idle(0.1)
+
+
+async def test_partitions_commit_independently_in_one_transaction() -> None:
+    transactions = FakeTransactions()
+    fetcher = GatedFetcher()
+    fetcher.gates["http://o/slow.jpg"] = asyncio.Event()
+    pipeline, _source, _ = make_pipeline(transactions, fetcher)
+    pipeline.on_messages(
+        [
+            message(5, "http://o/a.jpg", partition=0),
+            message(6, "http://o/slow.jpg", partition=0),
+            message(7, "http://o/b.jpg", partition=0),
+            message(20, "http://o/c.jpg", partition=1),
+        ]
+    )
+    await settle()
+    assert await pipeline.commit_answers()
+    [(records, offsets)] = transactions.commits
+    assert offsets == {(TOPIC, 0): 6, (TOPIC, 1): 21}
+    assert sorted(_sources(records)) == [5, 20]
+    assert pipeline.inflight == 2  # the slow one, and 7 behind it
+
+
+async def test_an_aborted_transaction_is_sent_again_and_committed_once() -> None:
+    transactions = FakeTransactions(failures=[PublishError("aborted"), PublishError("aborted")])
+    pipeline, _source, fatal = make_pipeline(transactions, GatedFetcher())
+    pipeline.on_messages([message(o, f"http://o/{o}.jpg") for o in range(3)])
+    await settle()
+    assert await pipeline.commit_answers()
+    assert transactions.attempts == 3
+    assert transactions.committed_offsets() == [0, 1, 2]
+    assert await pipeline.commit_answers()
+    assert transactions.committed_offsets() == [0, 1, 2], "committed answers are not resent"
+    assert not fatal
+
+
+async def test_a_fenced_producer_stops_the_service_and_commits_nothing() -> None:
+    transactions = FakeTransactions(failures=[PublishFatalError("fenced")])
+    pipeline, _source, fatal = make_pipeline(transactions, GatedFetcher())
+    pipeline.on_messages([message(0, "http://o/a.jpg")])
+    await settle()
+    assert not await pipeline.commit_answers()
+    assert transactions.commits == []
+    assert [type(e) for e in fatal] == [PublishFatalError]
+
+
+async def test_the_transaction_loop_commits_as_answers_become_ready() -> None:
+    transactions = FakeTransactions()
+    pipeline, _source, _ = make_pipeline(transactions, GatedFetcher())
+    loop_task = asyncio.create_task(pipeline.run_transactions())
+    pipeline.on_messages([message(o, f"http://o/{o}.jpg") for o in range(5)])
+    assert await pipeline.wait_idle(5)
+    pipeline.stop_transactions()
+    await loop_task
+    assert transactions.committed_offsets() == [0, 1, 2, 3, 4]
+
+
+async def test_revoke_commits_the_moving_partitions_finished_prefix_and_drops_the_rest() -> None:
+    fetcher = GatedFetcher()
+    fetcher.gates["http://o/stuck.jpg"] = asyncio.Event()
+    transactions = FakeTransactions()
+    pipeline, _source, _ = make_pipeline(
+        transactions, fetcher, ConsumerSettings(shutdown_grace_s=0.05)
+    )
+    pipeline.on_messages(
+        [
+            message(0, "http://o/a.jpg"),
+            message(1, "http://o/stuck.jpg"),
+            message(2, "http://o/b.jpg"),
+        ]
+    )
+    await settle()
+    assert await pipeline.on_revoked([(TOPIC, 0)]) == {}
+    [(records, offsets)] = transactions.commits
+    assert _sources(records) == [0]
+    assert offsets == {(TOPIC, 0): 1}
+    await settle()
+    assert pipeline.inflight == 0, "offsets 1 and 2 are left for the partition's next owner"
+
+
+@pytest.mark.parametrize("lost_during_commit", [False, True])
+async def test_uncommitted_answers_hold_back_pressure_until_committed_or_lost(
+    lost_during_commit: bool,
+) -> None:
+    transactions = FakeTransactions()
+    pipeline, source, _ = make_pipeline(
+        transactions, GatedFetcher(), ConsumerSettings(max_inflight=4, resume_inflight=1)
+    )
+    pipeline.on_messages([message(o, f"http://o/{o}.jpg") for o in range(4)])
+    await settle()
+    assert source.pauses == 1
+    assert source.resumes == 0, "answered but uncommitted events are still in flight"
+    if lost_during_commit:
+        pipeline.on_lost([(TOPIC, 0)])
+    else:
+        assert await pipeline.commit_answers()
+    assert source.resumes == 1
+    assert pipeline.inflight == 0
+    assert transactions.committed_offsets() == ([] if lost_during_commit else [0, 1, 2, 3])
