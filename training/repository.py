@@ -6,11 +6,14 @@ Two repositories serve the same model name and I/O (DESIGN.md, "Model contract")
 onnxruntime) for development and CI. Their `config.pbtxt` files are produced by
 `render_config`; the committed ones are its output for the defaults.
 
-- `render_config(kind, num_classes=..., image_size=...)` returns config.pbtxt text.
-- `add_version(root, kind, onnx_path, labels, image_size=...)` writes the next numbered
-  version and returns its number. It raises `OnnxContractError` (from training.model) when
-  the file breaks the contract, `ValueError` when it disagrees with `labels` or
-  `image_size`, and `FileExistsError` rather than overwrite a version.
+- `render_config(kind, num_classes=..., image_size=..., parameters=...)` returns
+  config.pbtxt text; `kind` "gpu-plan" is the GPU repository serving a TensorRT plan.
+- `threshold_parameters(threshold_json)` reads evaluate's threshold.json into the model
+  parameter `confidence_threshold`, which the consumer reads from Triton's model config.
+- `add_version(root, kind, onnx_path, labels, image_size=..., parameters=...)` writes the
+  next numbered version and returns its number. It raises `OnnxContractError` (from
+  training.model) when the file breaks the contract, `ValueError` when it disagrees with
+  `labels` or `image_size`, and `FileExistsError` rather than overwrite a version.
 - `latest_version(root, kind)` returns the highest version number or None.
 - `python -m training.repository bootstrap` gives both repositories a version 1 when the
   CPU one has none (what `make stack` runs); `render` rewrites the committed configs.
@@ -19,8 +22,10 @@ onnxruntime) for development and CI. Their `config.pbtxt` files are produced by
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +50,9 @@ logger = logging.getLogger("training.repository")
 
 Kind = Literal["cpu", "gpu"]
 KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
+# What a config can serve: a repository's kind, or the GPU repository's TensorRT plan.
+ConfigKind = Literal["cpu", "gpu", "gpu-plan"]
+CONFIG_KINDS: Final[tuple[ConfigKind, ...]] = get_args(ConfigKind)
 MODEL_NAME: Final = "category_classifier"
 DEFAULT_MAX_BATCH_SIZE: Final = 64
 # Where the GPU server keeps built TensorRT engines; deployments mount a volume here so a
@@ -56,37 +64,73 @@ COMMITTED_ROOT: Final = Path(__file__).resolve().parents[1] / "model_repository"
 PYTHON_MODEL_SOURCE: Final = "onnx_model.py"
 LABELS_FILE: Final = "labels.txt"
 CONFIG_FILE: Final = "config.pbtxt"
+# The model parameter that carries evaluate's recommended threshold to the consumer.
+CONFIDENCE_THRESHOLD_PARAMETER: Final = "confidence_threshold"
 
-_GPU_HEADER = """\
+_HEADERS: Final[dict[ConfigKind, str]] = {
+    "gpu": """\
 # Production repository: the exported ONNX graph on GPU through the onnxruntime backend,
 # with the TensorRT execution accelerator in FP16. Rendered by training/repository.py
 # (render_config); change the template there and run `python -m training.repository render`.
-"""
-_CPU_HEADER = """\
+""",
+    "gpu-plan": """\
+# Production repository, TensorRT plan: the FP16 engine built from this version's
+# model.onnx on the serving GPU by `python -m training tensorrt`. The next export writes
+# the ONNX Runtime config back. Rendered by training/repository.py (render_config).
+""",
+    "cpu": """\
 # Development and CI repository: the same name, I/O and ONNX file as the production one,
 # served by the Python backend (onnx_model.py, copied to <version>/model.py) with
 # onnxruntime on CPU. Rendered by training/repository.py (render_config); change the
 # template there and run `python -m training.repository render`.
-"""
+""",
+}
+_SERVING: Final[dict[ConfigKind, str]] = {
+    "gpu": 'platform: "onnxruntime_onnx"\nbackend: "onnxruntime"\n',
+    "gpu-plan": 'platform: "tensorrt_plan"\n',
+    "cpu": 'backend: "python"\n',
+}
+# A parameter key or value goes into a quoted pbtxt string unescaped.
+_PARAMETER_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_PARAMETER_VALUE = re.compile(r"[^\"\\\x00-\x1f\x7f]*")
 
 
 def render_config(
-    kind: Kind,
+    kind: ConfigKind,
     *,
     num_classes: int = len(DEFAULT_LABELS),
     image_size: int = DEFAULT_IMAGE_SIZE,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     trt_cache_dir: str = DEFAULT_TRT_CACHE_DIR,
     cpu_threads: int = DEFAULT_CPU_THREADS,
+    parameters: Mapping[str, str] | None = None,
 ) -> str:
-    """The config.pbtxt of `kind` for a model with `num_classes` outputs and S = image_size."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    """The config.pbtxt of `kind` for a model with `num_classes` outputs and S = image_size.
+
+    `kind`: "cpu" (Python backend), "gpu" (onnxruntime backend with the TensorRT
+    accelerator) or "gpu-plan" (a TensorRT plan built by training/tensorrt.py); all three
+    have the same name and I/O. `parameters` become model-level string parameters that
+    clients read from the model config (such as `confidence_threshold`); without them the
+    output is the committed config. Raises ValueError on a bad size, an unknown kind, or a
+    parameter that is not a plain key and value or that repeats one the template sets.
+    """
+    if kind not in CONFIG_KINDS:
+        raise ValueError(f"kind must be one of {CONFIG_KINDS}, got {kind!r}")
     if num_classes < 1 or image_size < 1 or max_batch_size < 1 or cpu_threads < 1:
         raise ValueError("num_classes, image_size, max_batch_size and cpu_threads must be >= 1")
+    model_parameters = {"intra_op_thread_count": str(cpu_threads)} if kind == "cpu" else {}
+    for key, value in (parameters or {}).items():
+        if not _PARAMETER_KEY.fullmatch(key) or not _PARAMETER_VALUE.fullmatch(value):
+            raise ValueError(f"parameter {key!r}: {value!r} needs quoting; use plain text")
+        if key in model_parameters:
+            raise ValueError(f"parameter {key!r} is set by the {kind} template")
+        model_parameters[key] = value
     dims = f"[ {image_size}, {image_size}, 3 ]"
-    name = f'name: "{MODEL_NAME}"\n'
-    common = f"""\
+    text = (
+        _HEADERS[kind]
+        + f'name: "{MODEL_NAME}"\n'
+        + _SERVING[kind]
+        + f"""\
 max_batch_size: {max_batch_size}
 version_policy: {{ latest: {{ num_versions: 1 }} }}
 input [
@@ -105,44 +149,19 @@ output [
   }}
 ]
 """
-    if kind == "gpu":
-        opt_batch = min(32, max_batch_size)
-        shape = f"{image_size}x{image_size}x3"
-        trt = {
-            "precision_mode": "FP16",
-            "max_workspace_size_bytes": str(1 << 30),
-            "trt_engine_cache_enable": "1",
-            "trt_engine_cache_path": trt_cache_dir,
-            "trt_timing_cache_enable": "1",
-            "trt_timing_cache_path": trt_cache_dir,
-            # One explicit profile over every batch size Triton may form, so TensorRT
-            # builds one engine up front instead of rebuilding as larger batches appear.
-            "trt_profile_min_shapes": f"{INPUT_NAME}:1x{shape}",
-            "trt_profile_opt_shapes": f"{INPUT_NAME}:{opt_batch}x{shape}",
-            "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch_size}x{shape}",
-        }
-        trt_parameters = "".join(
-            f'        parameters {{ key: "{key}" value: "{value}" }}\n'
-            for key, value in trt.items()
+    )
+    if kind == "cpu":
+        text += _instance_group("KIND_CPU") + _dynamic_batching(
+            (8, 16, 32), max_batch_size, delay_us=5000
         )
-        return (
-            _GPU_HEADER
-            + name
-            + 'platform: "onnxruntime_onnx"\nbackend: "onnxruntime"\n'
-            + common
-            + _instance_group("KIND_GPU")
-            + _dynamic_batching((32, 64), max_batch_size, delay_us=1000)
-            + f"""\
-optimization {{
-  execution_accelerators {{
-    gpu_execution_accelerator: [
-      {{
-        name: "tensorrt"
-{trt_parameters}      }}
-    ]
-  }}
-}}
-# The engine is built while loading, so the model turns ready only when it can serve.
+    else:
+        text += _instance_group("KIND_GPU") + _dynamic_batching(
+            (32, 64), max_batch_size, delay_us=1000
+        )
+    if kind == "gpu":
+        text += _tensorrt_accelerator(image_size, max_batch_size, trt_cache_dir)
+    if kind != "cpu":
+        text += f"""\
 model_warmup [
   {{
     name: "zeros"
@@ -158,21 +177,43 @@ model_warmup [
   }}
 ]
 """
-        )
-    return (
-        _CPU_HEADER
-        + name
-        + 'backend: "python"\n'
-        + common
-        + _instance_group("KIND_CPU")
-        + _dynamic_batching((8, 16, 32), max_batch_size, delay_us=5000)
-        + f"""\
-parameters {{
-  key: "intra_op_thread_count"
-  value: {{ string_value: "{cpu_threads}" }}
-}}
-"""
+    return text + "".join(
+        f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
+        for key, value in model_parameters.items()
     )
+
+
+def _tensorrt_accelerator(image_size: int, max_batch_size: int, cache_dir: str) -> str:
+    opt_batch = min(32, max_batch_size)
+    shape = f"{image_size}x{image_size}x3"
+    trt = {
+        "precision_mode": "FP16",
+        "max_workspace_size_bytes": str(1 << 30),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": cache_dir,
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": cache_dir,
+        # One explicit profile over every batch size Triton may form, so TensorRT
+        # builds one engine up front instead of rebuilding as larger batches appear.
+        "trt_profile_min_shapes": f"{INPUT_NAME}:1x{shape}",
+        "trt_profile_opt_shapes": f"{INPUT_NAME}:{opt_batch}x{shape}",
+        "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch_size}x{shape}",
+    }
+    trt_parameters = "".join(
+        f'        parameters {{ key: "{key}" value: "{value}" }}\n' for key, value in trt.items()
+    )
+    return f"""\
+optimization {{
+  execution_accelerators {{
+    gpu_execution_accelerator: [
+      {{
+        name: "tensorrt"
+{trt_parameters}      }}
+    ]
+  }}
+}}
+# The engine is built while loading, so the model turns ready only when it can serve.
+"""
 
 
 def _instance_group(kind: str) -> str:
@@ -190,6 +231,23 @@ def _dynamic_batching(preferred: Sequence[int], max_batch_size: int, *, delay_us
     sizes = [size for size in preferred if size <= max_batch_size]
     preferred_line = f"  preferred_batch_size: [ {', '.join(map(str, sizes))} ]\n" if sizes else ""
     return f"dynamic_batching {{\n{preferred_line}  max_queue_delay_microseconds: {delay_us}\n}}\n"
+
+
+def threshold_parameters(threshold_json: Path) -> dict[str, str]:
+    """`{"confidence_threshold": "<t>"}` from a threshold.json written by evaluate.
+
+    The value is written so that it reads back as the same float. Raises ValueError when
+    the file holds no number in [0, 1] under `confidence_threshold`, OSError when it cannot
+    be read.
+    """
+    recorded = json.loads(Path(threshold_json).read_text(encoding="utf-8"))
+    value = recorded.get(CONFIDENCE_THRESHOLD_PARAMETER) if isinstance(recorded, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(
+            f"{threshold_json}: {CONFIDENCE_THRESHOLD_PARAMETER} must be a number in [0, 1], "
+            f"got {value!r}"
+        )
+    return {CONFIDENCE_THRESHOLD_PARAMETER: repr(float(value))}
 
 
 def model_dir(repo_root: Path, kind: Kind) -> Path:
@@ -222,6 +280,7 @@ def add_version(
     extra_files: Mapping[str, Path] | None = None,
     version: int | None = None,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    parameters: Mapping[str, str] | None = None,
 ) -> int:
     """Write `onnx_path` as a new version of the model in `<repo_root>/<kind>` and return it.
 
@@ -229,9 +288,18 @@ def add_version(
     `model.onnx` (plus `model.py` for `cpu`, copied from `onnx_model.py`) and `extra_files`
     (name in the version directory -> source). It is assembled beside the repository and
     renamed into place, so a server polling the repository never loads half a version.
-    `labels.txt` and `config.pbtxt` at the model level are rewritten when they change.
+    `labels.txt` and `config.pbtxt` at the model level are rewritten when they change;
+    the config carries `parameters` (see render_config), which belong to this version.
     """
     labels_text = format_labels(labels)
+    # Rendered first: a bad parameter fails before anything is written.
+    config_text = render_config(
+        kind,
+        num_classes=len(labels),
+        image_size=image_size,
+        max_batch_size=max_batch_size,
+        parameters=parameters,
+    )
     contract = read_onnx_contract(onnx_path)
     if contract.image_size != image_size:
         raise ValueError(f"{onnx_path} takes {contract.image_size} px images, not {image_size}")
@@ -269,16 +337,14 @@ def add_version(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    # The version first, then labels and config. A poll that falls in between sees the
+    # new version with the old config: if the I/O changed, that load fails and the server
+    # keeps the old version; either way the next poll reloads the model with the new
+    # config. Config first would reload the old version under the new config, which
+    # fails, or carries the new version's parameters, while nothing newer is there. (A
+    # reload that fails leaves the loaded model as it was.)
     _write_if_changed(directory / LABELS_FILE, labels_text)
-    _write_if_changed(
-        directory / CONFIG_FILE,
-        render_config(
-            kind,
-            num_classes=len(labels),
-            image_size=image_size,
-            max_batch_size=max_batch_size,
-        ),
-    )
+    _write_if_changed(directory / CONFIG_FILE, config_text)
     logger.info("wrote %s (%d classes, %d px)", target, len(labels), image_size)
     return number
 

@@ -5,8 +5,9 @@ GPU and the `tensorrt` Python package, parses `<version>/model.onnx`, builds an 
 with the FP16 flag and one optimisation profile for the dynamic batch dimension
 (min 1, opt = max = max_batch_size), checks it against onnxruntime on the same images,
 writes `<version>/model.plan` beside the ONNX file and switches the model's `config.pbtxt`
-to the `tensorrt_plan` platform, with the same name, I/O, batching and warm-up. Returns a
-`PlanResult`.
+to the `tensorrt_plan` platform (training.repository's render_config, kind "gpu-plan"),
+with the same name, I/O, batching and warm-up, and the version's recommended
+`confidence_threshold` when its threshold.json is there. Returns a `PlanResult`.
 
 A plan only runs on the GPU model and TensorRT version that built it, so this runs on the
 serving machine (or one just like it). The ONNX file stays in the version: the next
@@ -14,9 +15,10 @@ serving machine (or one just like it). The ONNX file stays in the version: the n
 plan is built anew for that version.
 
 Raises `NoGPUError` where no CUDA GPU is visible (checked first, before anything is read),
-`TrainingError` when the `tensorrt` package is missing, the ONNX file cannot be parsed or
-the build fails, `ParityError` when the engine disagrees with onnxruntime beyond `atol`,
-and `VersionExistsError` rather than replace an existing plan (unless `force`).
+`TrainingError` when the `tensorrt` package is missing, the ONNX file cannot be parsed,
+the version's threshold.json is unreadable or the build fails, `ParityError` when the
+engine disagrees with onnxruntime beyond `atol`, and `VersionExistsError`
+rather than replace an existing plan (unless `force`).
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ import onnxruntime as ort
 import torch
 
 from training.errors import NoGPUError, ParityError, TrainingError, VersionExistsError
+from training.evaluate import THRESHOLD_NAME
 from training.model import INPUT_NAME, OUTPUT_NAME, read_labels, read_onnx_contract
 from training.repository import (
     CONFIG_FILE,
     DEFAULT_MAX_BATCH_SIZE,
     LABELS_FILE,
-    MODEL_NAME,
     latest_version,
     model_dir,
+    render_config,
+    threshold_parameters,
 )
 
 log = logging.getLogger(__name__)
@@ -85,62 +89,6 @@ def import_tensorrt() -> ModuleType:
             "TensorRT inside the Triton image that serves the plan (Triton 24.12: "
             "`pip install tensorrt==10.7.*`); a plan only loads in the TensorRT that built it"
         ) from exc
-
-
-def render_plan_config(
-    *, num_classes: int, image_size: int, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-) -> str:
-    """config.pbtxt of the GPU model served from `model.plan` by Triton's TensorRT backend."""
-    dims = f"[ {image_size}, {image_size}, 3 ]"
-    preferred = ", ".join(str(size) for size in (32, 64) if size <= max_batch_size)
-    preferred_line = f"  preferred_batch_size: [ {preferred} ]\n" if preferred else ""
-    return f"""\
-# Production repository, TensorRT plan: the FP16 engine built from this version's
-# model.onnx on the serving GPU by `python -m training tensorrt`. The next export writes
-# the ONNX Runtime config back (training/repository.py, render_config).
-name: "{MODEL_NAME}"
-platform: "tensorrt_plan"
-max_batch_size: {max_batch_size}
-version_policy: {{ latest: {{ num_versions: 1 }} }}
-input [
-  {{
-    name: "{INPUT_NAME}"
-    data_type: TYPE_UINT8
-    dims: {dims}
-  }}
-]
-output [
-  {{
-    name: "{OUTPUT_NAME}"
-    data_type: TYPE_FP32
-    dims: [ {num_classes} ]
-    label_filename: "{LABELS_FILE}"
-  }}
-]
-instance_group [
-  {{
-    count: 1
-    kind: KIND_GPU
-  }}
-]
-dynamic_batching {{
-{preferred_line}  max_queue_delay_microseconds: 1000
-}}
-model_warmup [
-  {{
-    name: "zeros"
-    batch_size: 1
-    inputs {{
-      key: "{INPUT_NAME}"
-      value: {{
-        data_type: TYPE_UINT8
-        dims: {dims}
-        zero_data: true
-      }}
-    }}
-  }}
-]
-"""
 
 
 def configured_max_batch_size(config_path: Path) -> int:
@@ -260,6 +208,7 @@ def build_into_repository(
             f"{contract.num_classes}"
         )
     batch = max_batch_size or configured_max_batch_size(directory / CONFIG_FILE)
+    parameters = _version_parameters(version_dir)
 
     plan = build_plan(
         onnx_path,
@@ -284,16 +233,33 @@ def build_into_repository(
     config_path = directory / CONFIG_FILE
     _write_atomically(
         config_path,
-        render_plan_config(
+        render_config(
+            "gpu-plan",
             num_classes=contract.num_classes,
             image_size=contract.image_size,
             max_batch_size=batch,
+            parameters=parameters,
         ).encode(),
     )
     log.info("wrote %s and switched %s to the TensorRT plan", plan_path, config_path)
     return PlanResult(
         plan=plan_path, config=config_path, version=number, max_batch_size=batch, max_abs_diff=worst
     )
+
+
+def _version_parameters(version_dir: Path) -> dict[str, str] | None:
+    """The version's recommended threshold as config parameters; None without threshold.json.
+
+    Read before the build (minutes), so that a broken file fails fast.
+    """
+    threshold_file = version_dir / THRESHOLD_NAME
+    if not threshold_file.is_file():
+        log.warning("%s is missing: the plan's config recommends no threshold", threshold_file)
+        return None
+    try:
+        return threshold_parameters(threshold_file)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot read the version's threshold: {exc}") from exc
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -43,6 +43,7 @@ from training.repository import (
     latest_version,
     model_dir,
     render_config,
+    threshold_parameters,
 )
 
 NUM_CLASSES = len(DEFAULT_LABELS)
@@ -171,6 +172,7 @@ def test_build_model_without_weights_warns(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.WARNING, logger="training.model"):
         model = build_model(7)
     assert "RANDOMLY INITIALISED" in caplog.text
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert model.fc.out_features == 7
 
 
@@ -278,6 +280,53 @@ def test_render_config_follows_the_model() -> None:
     assert list(gpu.model_warmup[0].inputs["image"].dims) == [224, 224, 3]
     cpu = _parse(render_config("cpu", num_classes=7, image_size=224, max_batch_size=16))
     assert list(cpu.dynamic_batching.preferred_batch_size) == [8, 16]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu", "gpu-plan"])
+def test_parameters_are_model_parameters_of_every_config(kind: Any) -> None:
+    plain = render_config(kind)
+    config = _parse(render_config(kind, parameters={"confidence_threshold": "0.8125"}))
+    assert config.parameters["confidence_threshold"].string_value == "0.8125"
+    expected = {"confidence_threshold"} | ({"intra_op_thread_count"} if kind == "cpu" else set())
+    assert set(config.parameters) == expected
+    # Without parameters nothing changes: the committed configs stay the rendered ones;
+    # with them, nothing but the parameters changes.
+    assert render_config(kind, parameters={}) == plain
+    del config.parameters["confidence_threshold"]
+    assert config == _parse(plain)
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{"confidence_threshold": 'a"b'}, {"bad key": "1"}, {"intra_op_thread_count": "4"}],
+)
+def test_render_config_refuses_parameters_it_cannot_write(parameters: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="parameter"):
+        render_config("cpu", parameters=parameters)
+
+
+def test_threshold_parameters_read_what_evaluate_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "threshold.json"
+    path.write_text(json.dumps({"confidence_threshold": 0.1 + 0.2, "achieved": True}))
+    (value,) = threshold_parameters(path).values()
+    assert float(value) == 0.1 + 0.2  # written to read back as the same float
+    assert threshold_parameters(path) == {"confidence_threshold": repr(0.1 + 0.2)}
+    for bad in ({"confidence_threshold": -0.1}, {"confidence_threshold": "0.5"}, {}, [0.5]):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"number in \[0, 1\]"):
+            threshold_parameters(path)
+
+
+def test_add_version_writes_the_parameters_into_the_config(tmp_path: Path, onnx_file: Path) -> None:
+    labels = list(DEFAULT_LABELS)
+    add_version(tmp_path, "gpu", onnx_file, labels, image_size=SIZE)
+    with pytest.raises(ValueError, match="parameter"):
+        add_version(tmp_path, "gpu", onnx_file, labels, image_size=SIZE, parameters={"a b": "1"})
+    assert latest_version(tmp_path, "gpu") == 1  # a bad parameter writes nothing
+    parameters = {"confidence_threshold": "0.75"}
+    add_version(tmp_path, "gpu", onnx_file, labels, image_size=SIZE, parameters=parameters)
+    config = (model_dir(tmp_path, "gpu") / "config.pbtxt").read_text()
+    assert config == render_config("gpu", parameters=parameters)
 
 
 def test_add_version_numbers_versions_and_never_overwrites(tmp_path: Path, onnx_file: Path) -> None:

@@ -6,6 +6,7 @@ against a stand-in of the `tensorrt` module that records them (the real build ne
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,10 +18,10 @@ from training.__main__ import main
 from training.errors import NoGPUError, TrainingError
 from training.repository import render_config
 from training.tensorrt import (
+    _version_parameters,
     build_into_repository,
     build_plan,
     configured_max_batch_size,
-    render_plan_config,
     require_gpu,
 )
 
@@ -153,7 +154,7 @@ def test_a_tensorrt_without_the_fp16_flag_is_refused(tmp_path: Path) -> None:
 
 
 def test_plan_config_keeps_the_contract_of_the_onnx_config() -> None:
-    plan = render_plan_config(num_classes=5, image_size=224, max_batch_size=32)
+    plan = render_config("gpu-plan", num_classes=5, image_size=224, max_batch_size=32)
     onnx = render_config("gpu", num_classes=5, image_size=224, max_batch_size=32)
     assert 'platform: "tensorrt_plan"' in plan
     assert "onnxruntime" not in plan
@@ -173,6 +174,17 @@ def test_plan_config_keeps_the_contract_of_the_onnx_config() -> None:
     ):
         assert line in plan
         assert line in onnx
+    # Everything after the ONNX config's accelerator block is the plan config's too.
+    assert onnx.split("# The engine is built while loading")[1].split("\n", 1)[1] in plan
+
+
+def test_plan_config_carries_the_recommended_threshold() -> None:
+    parameters = {"confidence_threshold": "0.8125"}
+    plan = render_config("gpu-plan", parameters=parameters)
+    onnx = render_config("gpu", parameters=parameters)
+    block = 'parameters {\n  key: "confidence_threshold"\n  value: { string_value: "0.8125" }\n}\n'
+    assert plan.endswith(block)
+    assert onnx.endswith(block)
 
 
 def test_max_batch_size_comes_from_the_served_config(tmp_path: Path) -> None:
@@ -180,3 +192,12 @@ def test_max_batch_size_comes_from_the_served_config(tmp_path: Path) -> None:
     config.write_text(render_config("gpu", max_batch_size=48))
     assert configured_max_batch_size(config) == 48
     assert configured_max_batch_size(tmp_path / "missing.pbtxt") == 64
+
+
+def test_the_plan_config_takes_the_threshold_of_its_version(tmp_path: Path) -> None:
+    assert _version_parameters(tmp_path) is None
+    (tmp_path / "threshold.json").write_text(json.dumps({"confidence_threshold": 0.8125}))
+    assert _version_parameters(tmp_path) == {"confidence_threshold": "0.8125"}
+    (tmp_path / "threshold.json").write_text(json.dumps({"confidence_threshold": 1.5}))
+    with pytest.raises(TrainingError, match=r"in \[0, 1\]"):
+        _version_parameters(tmp_path)
