@@ -8,11 +8,14 @@ writes version N into each repository (`<repo>/cpu`, `<repo>/gpu`), the same N i
 more than the highest version either holds, or the one asked for. Each version holds
 `model.onnx` and, beside it, `labels.txt`, `report.json`, `summary.md` and `threshold.json`
 (the recommended confidence threshold for the consumer's `confident` flag); `labels.txt`
-and `config.pbtxt` at the model level follow the new version. A version is never
+and `config.pbtxt` at the model level follow the new version, and the config carries that
+threshold as the model parameter `confidence_threshold`, which the consumer reads from
+Triton. A version is never
 overwritten. Returns an `ExportResult`.
 
 Raises `ParityError` (nothing written), `VersionExistsError` (nothing written),
-`DataError` (no evaluation, or one of another checkpoint) and `CheckpointError`.
+`DataError` (no evaluation, one of another checkpoint, or a threshold.json without a
+threshold in [0, 1]) and `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,14 @@ from training.evaluate import (
     sha256_file,
 )
 from training.model import INPUT_NAME, OUTPUT_NAME, ServingModel, export_onnx, write_labels
-from training.repository import KINDS, Kind, add_version, latest_version, model_dir
+from training.repository import (
+    KINDS,
+    Kind,
+    add_version,
+    latest_version,
+    model_dir,
+    threshold_parameters,
+)
 from training.train import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -140,6 +150,10 @@ def export(
     """
     ckpt = load_checkpoint(checkpoint)
     extra = _evaluation_files(checkpoint, evaluation)
+    try:
+        parameters = threshold_parameters(extra[THRESHOLD_NAME])
+    except ValueError as exc:
+        raise DataError(f"the evaluation's threshold cannot be used: {exc}") from exc
     if manifest is None:
         recorded = json.loads((evaluation / REPORT_NAME).read_text()).get("manifest")
         manifest = Path(recorded) if recorded and Path(recorded).is_dir() else None
@@ -172,6 +186,7 @@ def export(
                     image_size=ckpt.image_size,
                     extra_files=files,
                     version=number,
+                    parameters=parameters,
                     **({} if max_batch_size is None else {"max_batch_size": max_batch_size}),
                 )
             except FileExistsError as exc:

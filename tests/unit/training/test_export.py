@@ -10,7 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from google.protobuf import text_format
 from torch import nn
+from tritonclient.grpc import model_config_pb2
 
 import training.export as export_module
 from tests.unit.training.helpers import IMAGE_SIZE, Trained
@@ -60,6 +62,13 @@ def test_export_writes_the_same_new_version_into_both_repositories(
         assert (model / "labels.txt").read_text().split()[0] == "books"
         config = (model / "config.pbtxt").read_text()
         assert f"dims: [ {IMAGE_SIZE}, {IMAGE_SIZE}, 3 ]" in config
+        # The consumer reads the recommended threshold from Triton's model config.
+        recommended = json.loads((evaluated.out / "threshold.json").read_text())
+        served = text_format.Parse(config, model_config_pb2.ModelConfig()).parameters
+        assert (
+            float(served["confidence_threshold"].string_value)
+            == (recommended["confidence_threshold"])
+        )
     assert (model_dir(repo, "cpu") / "3" / "model.py").is_file()
 
 
@@ -112,6 +121,19 @@ def test_export_refuses_an_evaluation_of_another_checkpoint(
         export(other, evaluated.out, repo_root=tmp_path / "repo")
     with pytest.raises(DataError, match="run `python -m training evaluate`"):
         export(trained.result.best_checkpoint, tmp_path / "no-eval", repo_root=tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_export_refuses_an_evaluation_without_a_usable_threshold(
+    trained: Trained, evaluated: Evaluation, tmp_path: Path
+) -> None:
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    for name in ("report.json", "summary.md", "threshold.json"):
+        (evaluation / name).write_bytes((evaluated.out / name).read_bytes())
+    (evaluation / "threshold.json").write_text(json.dumps({"confidence_threshold": None}))
+    with pytest.raises(DataError, match="threshold"):
+        export(trained.result.best_checkpoint, evaluation, repo_root=tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
 
 
