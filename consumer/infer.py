@@ -8,7 +8,9 @@ server and the model to be ready, checks the served model against the contract i
 (model `category_classifier`, input `image` UINT8 `[-1, S, S, 3]`, output `probabilities`
 FP32 `[-1, C]` with a `label_filename`, max_batch_size > 0) and reads the class names from
 Triton itself with the classification extension, so the service never ships its own copy
-of the labels.
+of the labels. It also reads the model's recommended confidence threshold, the string
+parameter `confidence_threshold` of the model config that export writes from evaluate's
+threshold.json (None when the model has none, or one that is not a number in [0, 1]).
 
 Raises:
 - `ModelContractError` when the served model breaks the contract (at start-up), or when
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ LOGGER = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+THRESHOLD_PARAMETER = "confidence_threshold"
 
 # gRPC statuses that mean "Triton is unwell or busy right now", not "the request is wrong":
 # a restart (UNAVAILABLE), overload or a slow model (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED),
@@ -120,7 +124,8 @@ class ModelInfo:
 
     `version` is the version Triton served the start-up request with; `max_batch_size` is
     the smaller of the model's and `triton.max_batch_size`; `labels` holds the C class
-    names in output order.
+    names in output order; `confidence_threshold` is the model's recommended threshold for
+    the `confident` flag, in [0, 1], or None when it recommends none.
     """
 
     name: str
@@ -128,6 +133,7 @@ class ModelInfo:
     image_size: int
     max_batch_size: int
     labels: tuple[str, ...]
+    confidence_threshold: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +221,31 @@ def _check_contract(
             'and set label_filename: "labels.txt" on the output'
         )
     return _Contract(image_size=shape[1], num_classes=out_shape[1], max_batch_size=max_batch_size)
+
+
+def _recommended_threshold(model_name: str, config: Mapping[str, Any]) -> float | None:
+    """The model config's `confidence_threshold` parameter (tritonclient's JSON form).
+
+    None when absent; None and a warning when it is not a number in [0, 1]: a bad
+    recommendation must not stop the service, which then uses its own threshold.
+    """
+    parameter = config.get("parameters", {}).get(THRESHOLD_PARAMETER)
+    if parameter is None:
+        return None
+    text = parameter.get("string_value") if isinstance(parameter, Mapping) else None
+    try:
+        value = float(text) if isinstance(text, str) else math.nan
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        LOGGER.warning(
+            "model %s: ignoring its %s parameter %r, which is not a number in [0, 1]",
+            model_name,
+            THRESHOLD_PARAMETER,
+            text if text is not None else parameter,
+        )
+        return None
+    return value
 
 
 def _parse_classification(
@@ -348,12 +379,14 @@ class TritonClassifier:
                 self._info = info
                 self._metrics.model_ready.set(1)
                 LOGGER.info(
-                    "model %s version %s ready: S=%d, C=%d, max batch %d",
+                    "model %s version %s ready: S=%d, C=%d, max batch %d, recommended "
+                    "confidence threshold %s",
                     info.name,
                     info.version,
                     info.image_size,
                     len(info.labels),
                     info.max_batch_size,
+                    "none" if info.confidence_threshold is None else info.confidence_threshold,
                 )
                 return info
             self._metrics.model_ready.set(0)
@@ -382,7 +415,8 @@ class TritonClassifier:
         metadata = await client.get_model_metadata(
             name, version, as_json=True, client_timeout=timeout
         )
-        contract = _check_contract(name, config.get("config", config), metadata)
+        model_config = config.get("config", config)
+        contract = _check_contract(name, model_config, metadata)
 
         size = contract.image_size
         probe = grpcclient.InferInput(INPUT_NAME, [1, size, size, 3], "UINT8")
@@ -411,6 +445,7 @@ class TritonClassifier:
             image_size=size,
             max_batch_size=min(contract.max_batch_size, self._settings.max_batch_size),
             labels=labels,
+            confidence_threshold=_recommended_threshold(name, model_config),
         )
 
     async def infer(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:

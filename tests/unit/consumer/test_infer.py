@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,10 @@ class FakeTriton:
                     "label_filename": "labels.txt",
                 }
             ],
+            "parameters": {
+                "intra_op_thread_count": {"string_value": "2"},
+                "confidence_threshold": {"string_value": "0.8125"},
+            },
         }
         self.metadata: dict[str, Any] = {
             "name": "category_classifier",
@@ -229,8 +234,38 @@ async def test_connect_reads_the_model_info_and_labels_from_triton(
         image_size=112,
         max_batch_size=32,  # the settings' 32 caps the model's 64
         labels=tuple(LABELS),
+        confidence_threshold=0.8125,
     )
     assert model_ready(registry) == 1
+
+
+async def test_a_model_without_a_recommended_threshold_has_none(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeTriton()
+    del fake.config["parameters"]["confidence_threshold"]
+    with caplog.at_level(logging.WARNING, logger="consumer.infer"):
+        classifier, _ = await connected(metrics, fake)
+    assert classifier.info.confidence_threshold is None
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    "parameter",
+    [{"string_value": "high"}, {"string_value": "1.5"}, {"string_value": "nan"}, {}],
+    ids=["not a number", "above 1", "NaN", "no string value"],
+)
+async def test_a_recommended_threshold_that_is_not_a_probability_is_ignored_loudly(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture, parameter: dict[str, str]
+) -> None:
+    fake = FakeTriton()
+    fake.config["parameters"]["confidence_threshold"] = parameter
+    with caplog.at_level(logging.WARNING, logger="consumer.infer"):
+        classifier, _ = await connected(metrics, fake)
+    assert classifier.info.confidence_threshold is None
+    assert classifier.info.labels == tuple(LABELS)  # the service still starts
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "confidence_threshold" in caplog.text
 
 
 async def test_connect_reads_the_image_size_and_a_smaller_model_batch(metrics: Metrics) -> None:
