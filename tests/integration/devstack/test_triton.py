@@ -198,19 +198,35 @@ async def test_concurrent_single_image_requests_are_batched(served: Served) -> N
 def test_a_new_version_is_served_without_restart(
     served: Served, client: grpcclient.InferenceServerClient
 ) -> None:
+    # As export writes it: a new version and a config that changes with it (the version's
+    # recommended threshold), both picked up by polling.
+    before = client.get_model_config(MODEL_NAME, as_json=True)["config"]
+    assert "confidence_threshold" not in before.get("parameters", {})
     version = add_version(
-        served.repo_root, "cpu", served.onnx_path, list(DEFAULT_LABELS), image_size=SIZE
+        served.repo_root,
+        "cpu",
+        served.onnx_path,
+        list(DEFAULT_LABELS),
+        image_size=SIZE,
+        parameters={"confidence_threshold": "0.75"},
     )
     assert version == latest_version(served.repo_root, "cpu") == 2
 
     def serves_new_version() -> bool:
-        return bool(client.is_model_ready(MODEL_NAME, "2")) and not client.is_model_ready(
-            MODEL_NAME, "1"
+        config = client.get_model_config(MODEL_NAME, as_json=True)["config"]
+        return (
+            bool(client.is_model_ready(MODEL_NAME, "2"))
+            and not client.is_model_ready(MODEL_NAME, "1")
+            and "confidence_threshold" in config.get("parameters", {})
         )
 
-    _wait_for(serves_new_version, 60, "Triton to load version 2 and retire version 1")
+    _wait_for(serves_new_version, 60, "Triton to load version 2 with its config, retire 1")
     result = client.infer(MODEL_NAME, [_input(_images(2, seed=5))])
     assert result.get_response().model_version == "2"
+    parameters = client.get_model_config(MODEL_NAME, as_json=True)["config"]["parameters"]
+    # The JSON form clients read (consumer/infer.py): a string value per parameter.
+    assert parameters["confidence_threshold"] == {"string_value": "0.75"}
+    assert parameters["intra_op_thread_count"] == {"string_value": "2"}
 
 
 def test_a_model_that_cannot_load_fails_start_with_the_reason(tmp_path: Path) -> None:
