@@ -2,7 +2,8 @@
 
 prepare -> train -> evaluate -> export into a copy of the committed repositories, then the
 real server loads the new version, and for every validation image it answers the
-probabilities evaluate recorded: the numbers training prints are the numbers served.
+probabilities evaluate recorded: the numbers training prints are the numbers served. The
+consumer reads the threshold evaluate recommended from the served model's config.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from prometheus_client import CollectorRegistry
 
+from consumer.infer import TritonClassifier
+from consumer.metrics import Metrics
+from consumer.settings import TritonSettings
 from devstack.process import StackError, free_port
 from devstack.triton import TritonServer
 from training.data import Augment, read_manifest, serving_image
@@ -106,3 +111,16 @@ def test_triton_serves_the_evaluated_probabilities(served: Served) -> None:
     np.testing.assert_allclose(served_probabilities, evaluated, atol=1e-4)
     assert config["input"][0]["dims"] == [str(SIZE), str(SIZE), "3"]
     assert result.get_response().model_version == str(served.version)
+
+
+async def test_the_consumer_reads_the_evaluated_threshold_from_triton(served: Served) -> None:
+    recommended = json.loads((served.evaluation / "threshold.json").read_text())
+    classifier = TritonClassifier(
+        TritonSettings(url=served.server.grpc_url), Metrics(CollectorRegistry())
+    )
+    try:
+        info = await classifier.connect()
+    finally:
+        await classifier.aclose()
+    assert info.version == str(served.version)
+    assert info.confidence_threshold == recommended["confidence_threshold"]
