@@ -157,6 +157,9 @@ class TritonServer:
                 [str(self.python_env_bin), "/usr/local/bin", "/usr/bin", "/bin"]
             ),
             "LD_LIBRARY_PATH": str(home.parent.parent / "nvidia_pytriton.libs"),
+            # A __pycache__ written into a version folder looks like a change to the
+            # repository poller, which would load every new version twice.
+            "PYTHONDONTWRITEBYTECODE": "1",
         }
         if self.poll_secs is None:
             control = ["--model-control-mode=none"]
