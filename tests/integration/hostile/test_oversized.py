@@ -55,7 +55,7 @@ def test_megabyte_strings_are_answered_once_each(
     _produce_compressed(kafka.bootstrap_servers, topics.input, cases)
 
     answers = read_answers(
-        kafka.bootstrap_servers, topics.output, topics.dlq, CODEC, expect=len(cases), timeout_s=30
+        kafka.bootstrap_servers, topics.output, topics.dlq, CODEC, expect=len(cases), timeout_s=20
     )
 
     assert not answers.suggestions
