@@ -10,7 +10,9 @@ connection at all. The service's peak memory stays bounded.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+import socket
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,9 +237,22 @@ def test_every_hostile_input_gets_its_one_expected_answer(
             )
 
     assert canary.seen() == [], "a hostile URL reached the canary listener"
+    # The control: the canary does record a connection on each of its addresses.
+    for host in ("127.0.0.1", "::1"):
+        socket.create_connection((host, canary.port), timeout=5).close()
+    assert wait_for(lambda: len(canary.seen()) == 2, 5), canary.seen()
     peak = _peak_rss(service.pid)
     assert peak < SERVICE_PEAK_RSS, f"service peak RSS {peak / 2**20:.0f} MiB"
     assert service.terminate() == 0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)  # polling a condition, not synchronising on time
+    return True
 
 
 def _reasons(records: list[Message]) -> list[str]:
