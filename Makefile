@@ -60,6 +60,15 @@ format: $(INSTALLED)
 
 test: install lint
 	$(PY) -m pytest -m "not chaos"
+	$(PY) -m fuzz --seconds 20
+
+# Long runs: fault injection under load (ledger totals per fault) and the fuzzers.
+FUZZ_SECONDS ?= 600
+chaos: install
+	$(PY) -m pytest -m chaos -s
+
+fuzz: install
+	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
 
 unit: $(INSTALLED)
 	$(PY) -m pytest tests/unit
