@@ -4,7 +4,8 @@ Takes the bytes of a fetched image (JPEG, PNG or WebP) and returns a `uint8` arr
 `[S, S, 3]`, RGB, as the model contract in DESIGN.md asks. The steps, in order:
 
 1. open with Pillow restricted to JPEG, PNG and WebP (only the header is read);
-2. refuse images with more than `max_pixels` pixels before any pixel is decoded;
+2. refuse images with more than `max_pixels` pixels (`max_pixels_lossless` for PNG and
+   WebP, which are decoded at full size) before any pixel is decoded;
 3. JPEG only: ask libjpeg for a DCT-scaled decode no smaller than S x S (`draft`);
 4. decode the first frame (animations keep their first frame);
 5. apply the EXIF orientation (a broken EXIF block is ignored, not fatal);
@@ -175,7 +176,9 @@ def to_model_input(img: Image.Image, size: int) -> Image.Image:
     )
 
 
-def decode_image(data: bytes, *, size: int, max_pixels: int) -> npt.NDArray[np.uint8]:
+def decode_image(
+    data: bytes, *, size: int, max_pixels: int, max_pixels_lossless: int | None = None
+) -> npt.NDArray[np.uint8]:
     """Decode `data` (JPEG, PNG or WebP) into a `uint8` `[size, size, 3]` RGB array.
 
     Pure and thread-safe. Raises `ImageDecodeError` (see the module docstring).
@@ -185,12 +188,14 @@ def decode_image(data: bytes, *, size: int, max_pixels: int) -> npt.NDArray[np.u
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
             width, height = img.size
-            if width * height > max_pixels:
+            is_jpeg = isinstance(img, JpegImagePlugin.JpegImageFile)
+            limit = max_pixels if is_jpeg or max_pixels_lossless is None else max_pixels_lossless
+            if width * height > limit:
                 raise ImageDecodeError(
-                    f"image is {width}x{height} pixels, over the limit of {max_pixels}",
+                    f"{img.format} image is {width}x{height} pixels, over the limit of {limit}",
                     reason="image_too_large",
                 )
-            if isinstance(img, JpegImagePlugin.JpegImageFile):
+            if is_jpeg:
                 img.draft("RGB", (size, size))
             # Image.open left the first frame current; load decodes only that one.
             img.load()
@@ -265,6 +270,7 @@ class Decoder:
 
     def __init__(self, settings: DecodeSettings) -> None:
         self._max_pixels = settings.max_pixels
+        self._max_pixels_lossless = settings.max_pixels_lossless
         self._executor = ThreadPoolExecutor(
             max_workers=settings.threads, thread_name_prefix="decode"
         )
@@ -273,7 +279,13 @@ class Decoder:
         """Decode on the pool; raises `ImageDecodeError` like `decode_image`."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        job = functools.partial(decode_image, data, size=size, max_pixels=self._max_pixels)
+        job = functools.partial(
+            decode_image,
+            data,
+            size=size,
+            max_pixels=self._max_pixels,
+            max_pixels_lossless=self._max_pixels_lossless,
+        )
         array = await loop.run_in_executor(self._executor, job)
         return array, time.perf_counter() - started
 

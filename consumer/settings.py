@@ -136,8 +136,12 @@ class FetchSettings(_Section):
 
 class DecodeSettings(_Section):
     threads: int = Field(default=2, gt=0)
-    # Pillow's decompression-bomb limit, in pixels; larger images are refused.
+    # Decompression-bomb limits, in pixels; larger images are refused before decoding.
+    # JPEG is decoded at reduced scale (draft mode), so a 40 MP photo costs little memory;
+    # PNG and WebP are decoded whole (~4-5 bytes a pixel at least, ~800 MB for a 40 MP
+    # RGBA WebP), hence their lower limit.
     max_pixels: int = Field(default=40_000_000, gt=0)
+    max_pixels_lossless: int = Field(default=16_000_000, gt=0)
     queue_size: int = Field(default=128, gt=0)
 
 

@@ -241,6 +241,19 @@ def test_pixel_limit_is_the_setting() -> None:
     assert decode_image(data, size=SIZE, max_pixels=10_000).shape == (SIZE, SIZE, 3)
 
 
+def test_png_and_webp_have_their_own_lower_limit_and_jpeg_keeps_the_higher_one() -> None:
+    image = Image.new("RGB", (100, 100))
+    for fmt in ("PNG", "WEBP"):
+        with pytest.raises(ImageDecodeError) as caught:
+            decode_image(
+                encode(image, fmt), size=SIZE, max_pixels=10_000, max_pixels_lossless=9_999
+            )
+        assert caught.value.reason == "image_too_large"
+    jpeg = encode(image, "JPEG")
+    out = decode_image(jpeg, size=SIZE, max_pixels=10_000, max_pixels_lossless=9_999)
+    assert out.shape == (SIZE, SIZE, 3)
+
+
 @pytest.mark.parametrize(
     "chunk",
     [
