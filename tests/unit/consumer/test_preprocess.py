@@ -357,10 +357,9 @@ async def test_decoder_runs_on_threads_and_times_decodes() -> None:
 
 
 async def test_decoder_uses_the_pixel_limit_from_settings() -> None:
-    data = encode(Image.new("RGB", (100, 100)), "PNG")
-    with (
-        Decoder(DecodeSettings(max_pixels=1_000)) as decoder,
-        pytest.raises(ImageDecodeError) as caught,
-    ):
-        await decoder.decode(data, SIZE)
-    assert caught.value.reason == "image_too_large"
+    image = Image.new("RGB", (100, 100))
+    settings = DecodeSettings(max_pixels=1_000, max_pixels_lossless=1_000)
+    for fmt in ("JPEG", "PNG"):
+        with Decoder(settings) as decoder, pytest.raises(ImageDecodeError) as caught:
+            await decoder.decode(encode(image, fmt), SIZE)
+        assert caught.value.reason == "image_too_large"
