@@ -132,10 +132,21 @@ class Pipeline:
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
         self._committing = True
+        # Cleared at shutdown: messages handed over after it are not processed.
+        self._intake = True
         self._model = model
         # Set when the shutdown grace period is over: retries of outages give up then.
         self._stop = stop
         self._fetch_slots = asyncio.Semaphore(settings.fetch.concurrency)
+        self._image_slots = asyncio.Semaphore(settings.decode.queue_size)
+        self._threshold = confidence_threshold(settings, model)
+        # Metric children bound once: labels() costs a locked dict lookup per call.
+        self._fetch_latency = metrics.stage_latency.labels(stage="fetch")
+        self._decode_latency = metrics.stage_latency.labels(stage="decode")
+        self._fetch_retries = metrics.retries.labels(stage="fetch")
+        self._suggested = metrics.events.labels(outcome="suggested")
+        self._confident = metrics.suggestions.labels(confident="true")
+        self._not_confident = metrics.suggestions.labels(confident="false")
         self._tracker = OffsetTracker()
         self._tasks: dict[Partition, dict[int, asyncio.Task[None]]] = defaultdict(dict)
         self._inflight = 0
@@ -147,6 +158,13 @@ class Pipeline:
     # -- PartitionHandler ----------------------------------------------------------------
 
     def on_messages(self, messages: Sequence[Message]) -> None:
+        if not self._intake:
+            # Shutting down: a poll that raced the pause can still hand messages over.
+            # Left untracked, they hold back nothing already tracked (they are later in
+            # their partitions), no offset at or past them is committed here, and the
+            # partition's next owner reads them; processing them instead could publish
+            # answers after the final offsets were taken, duplicating them.
+            return
         for message in messages:
             tp = (message.topic() or "", message.partition() or 0)
             offset = message.offset() or 0
@@ -217,6 +235,10 @@ class Pipeline:
             async with asyncio.timeout(timeout_s):
                 await self._idle.wait()
         return self._idle.is_set()
+
+    def stop_intake(self) -> None:
+        """Process no message handed over from now on (shutdown)."""
+        self._intake = False
 
     def abandon_all(self) -> None:
         for tp in list(self._tasks):
@@ -396,21 +418,23 @@ class Pipeline:
         watch = _Stopwatch()
         try:
             event = self._codec.decode_uploaded(message.value() or b"")
-            started = time.perf_counter()
-            async with self._fetch_slots:
-                fetched = await self._fetcher.fetch(event.image_url)
-            watch.fetch_s = time.perf_counter() - started
-            watch.attempts = fetched.attempts
-            if fetched.attempts > 1:
-                self._metrics.retries.labels(stage="fetch").inc(fetched.attempts - 1)
-            image, watch.decode_s = await self._decoder.decode(fetched.data, self._model.image_size)
+            # Fetching outruns decoding: without this bound, fetched bytes would pile up in
+            # memory in front of the decode threads (each up to fetch.max_bytes).
+            async with self._image_slots:
+                started = time.perf_counter()
+                async with self._fetch_slots:
+                    fetched = await self._fetcher.fetch(event.image_url)
+                watch.fetch_s = time.perf_counter() - started
+                watch.attempts = fetched.attempts
+                if fetched.attempts > 1:
+                    self._fetch_retries.inc(fetched.attempts - 1)
+                data = fetched.data
+                del fetched
+                image, watch.decode_s = await self._decoder.decode(data, self._model.image_size)
+                del data
             result = await self._batcher.submit(image)
             watch.queue_s, watch.infer_s = result.queue_s, result.infer_s
-            prediction = postprocess(
-                result.probabilities,
-                self._model.labels,
-                self._settings.postprocess.confidence_threshold,
-            )
+            prediction = postprocess(result.probabilities, self._model.labels, self._threshold)
         except BadInputError as exc:
             await self._dead_letter(message, exc, getattr(exc, "attempts", watch.attempts))
             return
@@ -428,7 +452,7 @@ class Pipeline:
                 CategoryScore(category=s.category, score=s.score) for s in prediction.scores
             ),
             confident=prediction.confident,
-            confidence_threshold=self._settings.postprocess.confidence_threshold,
+            confidence_threshold=self._threshold,
             model_name=self._model.name,
             model_version=self._model.version,
             timings=StageTimings(
@@ -444,12 +468,11 @@ class Pipeline:
             event.listing_id.encode(),
             self._codec.encode_suggestion(suggestion),
         )
-        stage = self._metrics.stage_latency
-        stage.labels(stage="fetch").observe(watch.fetch_s)
-        stage.labels(stage="decode").observe(watch.decode_s)
+        self._fetch_latency.observe(watch.fetch_s)
+        self._decode_latency.observe(watch.decode_s)
         await self._emit(message, record, uploaded_at=event.uploaded_at)
-        self._metrics.events.labels(outcome="suggested").inc()
-        self._metrics.suggestions.labels(confident=str(prediction.confident).lower()).inc()
+        self._suggested.inc()
+        (self._confident if prediction.confident else self._not_confident).inc()
 
     async def _dead_letter(self, message: Message, exc: SuggesterError, attempts: int) -> None:
         info = DlqInfo.for_error(
@@ -515,6 +538,16 @@ class Pipeline:
                 )
                 await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
                 delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+
+
+def confidence_threshold(settings: Settings, model: ModelInfo) -> float:
+    """The threshold for `confident`: set explicitly, else the model's, else the default."""
+    postprocess_settings = settings.postprocess
+    if "confidence_threshold" in postprocess_settings.model_fields_set:
+        return postprocess_settings.confidence_threshold
+    if model.confidence_threshold is not None:
+        return model.confidence_threshold
+    return postprocess_settings.confidence_threshold
 
 
 def original_headers(message: Message) -> list[tuple[str, bytes]]:
@@ -633,6 +666,7 @@ class Service:
             await self._shutdown.wait()
 
             log.info("shutting down: draining in-flight events", extra={"count": pipeline.inflight})
+            pipeline.stop_intake()
             source.stop_polling()
             drained = await pipeline.wait_idle(settings.consumer.shutdown_grace_s)
             if not drained:

@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import Message
 from prometheus_client import CollectorRegistry
 
-from consumer.app import Pipeline
+from consumer.app import Pipeline, confidence_threshold
 from consumer.batch import BatchResult
 from consumer.errors import FetchRefusedError, InferenceUnavailableError, PublishError
 from consumer.events import EventCodec, parse_dlq_headers
@@ -236,3 +236,21 @@ async def test_inflight_gauge_returns_to_zero(offset: int) -> None:
     assert metrics.inflight._value.get() == 1
     assert await pipeline.wait_idle(5)
     assert metrics.inflight._value.get() == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "model_threshold", "expected"),
+    [
+        ({}, None, 0.5),
+        ({}, 0.83, 0.83),
+        ({"SUGGESTER_POSTPROCESS__CONFIDENCE_THRESHOLD": "0.7"}, 0.83, 0.7),
+    ],
+)
+def test_threshold_is_the_setting_if_set_else_the_models_else_the_default(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], model_threshold: float | None,
+    expected: float,
+) -> None:  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    model = ModelInfo("m", "1", 8, 4, LABELS, confidence_threshold=model_threshold)
+    assert confidence_threshold(Settings(), model) == expected
