@@ -484,9 +484,14 @@ class Pipeline:
             service_version=__version__,
         )
         headers = original_headers(message) + dlq_headers(info)
-        record = OutputRecord(
-            self._settings.kafka.dlq_topic, message.key(), message.value() or b"", headers
-        )
+        value = message.value() or b""
+        size = len(value) + len(message.key() or b"") + sum(len(k) + len(v) for k, v in headers)
+        if size + _RECORD_OVERHEAD_BYTES > self._settings.kafka.max_record_bytes:
+            # The original cannot travel: dead-letter the reason without the value, rather
+            # than retry a record no broker will take (the partition would stall).
+            headers.append((DLQ_VALUE_OMITTED_HEADER, str(len(value)).encode()))
+            value = b""
+        record = OutputRecord(self._settings.kafka.dlq_topic, message.key(), value, headers)
         await self._emit(message, record, uploaded_at=None)
         log.info(
             "event dead-lettered",
@@ -538,6 +543,12 @@ class Pipeline:
                 )
                 await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
                 delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+
+
+# Room left for a record's framing when checking its size against max_record_bytes.
+_RECORD_OVERHEAD_BYTES = 1024
+# On a DLQ record sent without its (too large) original value: the value's size in bytes.
+DLQ_VALUE_OMITTED_HEADER = "dlq.value.omitted"
 
 
 def confidence_threshold(settings: Settings, model: ModelInfo) -> float:

@@ -97,6 +97,13 @@ class PublishError(InfrastructureError):
     default_reason = "publish_failed"
 
 
+class RecordTooLargeError(PublishError):
+    """The record is over the producer's or the broker's size limit: no retry can send it."""
+
+    default_reason = "record_too_large"
+    retryable = False
+
+
 class PublishFatalError(PublishError):
     """The producer cannot go on: fenced by a newer process with its transactional.id, or
     in a fatal state. Retrying cannot help; the service stops and a new process resumes

@@ -30,7 +30,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from consumer.errors import PublishError, PublishFatalError
+from consumer.errors import PublishError, PublishFatalError, RecordTooLargeError
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
             "compression.type": "lz4",
             # A record not acknowledged within this time fails; the event is retried.
             "delivery.timeout.ms": 30_000,
+            "message.max.bytes": settings.kafka.max_record_bytes,
         }
     )
     conf.update(settings.kafka.extra)
@@ -69,6 +70,10 @@ class Publisher:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kafka-producer", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Delivery reports gathered on the producer's thread, handed to the event loop in
+        # one wake-up per poll rather than one per record.
+        self._reports: list[tuple[asyncio.Future[None], KafkaError | None]] = []
+        self._reports_lock = threading.Lock()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -82,7 +87,8 @@ class Publisher:
         future: asyncio.Future[None] = loop.create_future()
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            loop.call_soon_threadsafe(_settle, future, err)
+            with self._reports_lock:
+                self._reports.append((future, err))
 
         while True:
             try:
@@ -92,12 +98,15 @@ class Publisher:
                 break
             except BufferError:
                 # The local queue is full: wait for deliveries to make room.
-                await asyncio.to_thread(self._producer.poll, self.POLL_TIMEOUT_S)
+                await asyncio.to_thread(self._poll, self.POLL_TIMEOUT_S)
+            except KafkaException as exc:
+                raise _publish_error(exc.args[0]) from exc
         await future
 
     async def flush(self, timeout_s: float) -> int:
         """Wait for outstanding deliveries; return how many are still not acknowledged."""
         remaining: int = await asyncio.to_thread(self._producer.flush, timeout_s)
+        self._hand_over_reports()
         return remaining
 
     async def close(self, timeout_s: float = 10.0) -> None:
@@ -109,17 +118,36 @@ class Publisher:
 
     def _serve(self) -> None:
         while not self._closed.is_set():
-            self._producer.poll(self.POLL_TIMEOUT_S)
+            self._poll(self.POLL_TIMEOUT_S)
+
+    def _poll(self, timeout_s: float) -> None:
+        self._producer.poll(timeout_s)
+        self._hand_over_reports()
+
+    def _hand_over_reports(self) -> None:
+        with self._reports_lock:
+            reports, self._reports = self._reports, []
+        if reports and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_settle_all, reports)
 
 
-def _settle(future: asyncio.Future[None], err: KafkaError | None) -> None:
-    if future.done():
-        return
-    if err is None:
-        future.set_result(None)
-    else:
-        reason = "publish_fatal" if err.fatal() else "publish_failed"
-        future.set_exception(PublishError(f"delivery failed: {err.str()}", reason=reason))
+def _settle_all(reports: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
+    for future, err in reports:
+        if future.done():
+            continue
+        if err is None:
+            future.set_result(None)
+        else:
+            future.set_exception(_publish_error(err))
+
+
+def _publish_error(err: KafkaError) -> PublishError:
+    """The error for a record the producer or the broker did not take."""
+    if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+        return RecordTooLargeError(f"record too large: {err.str()}")
+    if err.fatal():
+        return PublishFatalError(f"producer failed: {err.str()}")
+    return PublishError(f"delivery failed: {err.str()}")
 
 
 @dataclass(frozen=True)

@@ -254,3 +254,17 @@ def test_threshold_is_the_setting_if_set_else_the_models_else_the_default(
         monkeypatch.setenv(key, value)
     model = ModelInfo("m", "1", 8, 4, LABELS, confidence_threshold=model_threshold)
     assert confidence_threshold(Settings(), model) == expected
+
+
+async def test_an_event_too_large_to_dead_letter_whole_goes_without_its_value() -> None:
+    pipeline, publisher, source, _ = make_pipeline()
+    huge = Message(
+        topic=TOPIC, partition=0, offset=0, key=b"k", value=b"\xc3\x01" + b"x" * 1_100_000
+    )
+    pipeline.on_messages([huge])
+    assert await pipeline.wait_idle(5)
+    ((topic, key, value, headers),) = publisher.records
+    assert (topic, key, value) == ("dlq", b"k", b"")
+    assert dict(headers)["dlq.value.omitted"] == b"1100002"
+    assert parse_dlq_headers(headers).reason == "event_too_large"
+    assert source.stored == [{(TOPIC, 0): 1}]
