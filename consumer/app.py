@@ -52,8 +52,10 @@ from consumer.consume import KafkaSource, Partition
 from consumer.errors import (
     BadInputError,
     InfrastructureError,
+    KafkaRefusedError,
     PublishError,
     PublishFatalError,
+    RecordTooLargeError,
     SuggesterError,
 )
 from consumer.events import (
@@ -486,13 +488,19 @@ class Pipeline:
         headers = original_headers(message) + dlq_headers(info)
         value = message.value() or b""
         size = len(value) + len(message.key() or b"") + sum(len(k) + len(v) for k, v in headers)
+        topic = self._settings.kafka.dlq_topic
         if size + _RECORD_OVERHEAD_BYTES > self._settings.kafka.max_record_bytes:
+            record = _without_value(topic, message.key(), value, headers)
+        else:
+            record = OutputRecord(topic, message.key(), value, headers)
+        try:
+            await self._emit(message, record, uploaded_at=None)
+        except RecordTooLargeError:
             # The original cannot travel: dead-letter the reason without the value, rather
             # than retry a record no broker will take (the partition would stall).
-            headers.append((DLQ_VALUE_OMITTED_HEADER, str(len(value)).encode()))
-            value = b""
-        record = OutputRecord(self._settings.kafka.dlq_topic, message.key(), value, headers)
-        await self._emit(message, record, uploaded_at=None)
+            await self._emit(
+                message, _without_value(topic, message.key(), value, headers), uploaded_at=None
+            )
         log.info(
             "event dead-lettered",
             extra={
@@ -549,6 +557,13 @@ class Pipeline:
 _RECORD_OVERHEAD_BYTES = 1024
 # On a DLQ record sent without its (too large) original value: the value's size in bytes.
 DLQ_VALUE_OMITTED_HEADER = "dlq.value.omitted"
+
+
+def _without_value(
+    topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+) -> OutputRecord:
+    omitted = (DLQ_VALUE_OMITTED_HEADER, str(len(value)).encode())
+    return OutputRecord(topic, key, b"", [*headers, omitted])
 
 
 def confidence_threshold(settings: Settings, model: ModelInfo) -> float:
@@ -665,7 +680,12 @@ class Service:
                 stop=self._give_up,
                 on_fatal=self._fatal,
             )
-            source = KafkaSource(settings, metrics, pipeline)
+            source = KafkaSource(
+                settings,
+                metrics,
+                pipeline,
+                on_refused=lambda why: self._fatal(KafkaRefusedError(why)),
+            )
             pipeline.source = source
             self._source = source
             committer = None

@@ -63,7 +63,29 @@ class _Request:
     offsets: tuple[tuple[str, int, int], ...] = ()
 
 
-def consumer_config(settings: Settings, stats_cb: Callable[[str], None] | None) -> dict[str, Any]:
+def refusal(error: KafkaError) -> str | None:
+    """Why the brokers refuse this client for good, or None for a passing fault.
+
+    librdkafka retries everything for ever and reports it only to error_cb; these are the
+    errors that no retry with the same settings can mend.
+    """
+    text = error.str()
+    if error.fatal():
+        return f"fatal Kafka client error: {text}"
+    if error.code() == KafkaError._AUTHENTICATION:
+        return f"Kafka authentication failed: {text}"
+    if error.code() == KafkaError._SSL or (
+        error.code() == KafkaError._TRANSPORT and "certificate" in text.lower()
+    ):
+        return f"Kafka TLS handshake failed (certificate): {text}"
+    return None
+
+
+def consumer_config(
+    settings: Settings,
+    stats_cb: Callable[[str], None] | None,
+    error_cb: Callable[[KafkaError], None] | None = None,
+) -> dict[str, Any]:
     kafka = settings.kafka
     conf = kafka.common_config()
     conf.update(
@@ -87,6 +109,8 @@ def consumer_config(settings: Settings, stats_cb: Callable[[str], None] | None) 
         conf["group.instance.id"] = kafka.group_instance_id
     if stats_cb is not None and kafka.statistics_interval_ms > 0:
         conf["stats_cb"] = stats_cb
+    if error_cb is not None:
+        conf["error_cb"] = error_cb
     conf.update(kafka.extra)
     return conf
 
@@ -103,11 +127,13 @@ class KafkaSource:
         handler: PartitionHandler,
         *,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._handler = handler
-        self._consumer = consumer_factory(consumer_config(settings, self._on_stats))
+        self._on_refused = on_refused
+        self._consumer = consumer_factory(consumer_config(settings, self._on_stats, self._on_error))
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._draining = False
         self._lag_labels: set[Partition] = set()
@@ -313,7 +339,17 @@ class KafkaSource:
                 self._lag_labels.discard((topic, partition))
                 self._metrics.consumer_lag.remove(topic, str(partition))
 
-    # -- statistics ---------------------------------------------------------------------
+    # -- errors and statistics ------------------------------------------------------------
+
+    def _on_error(self, error: KafkaError) -> None:
+        """librdkafka's error reports (on the consumer thread): stop on a refusal."""
+        why = refusal(error)
+        if why is None:
+            log.warning("kafka client error", extra={"error": error.str()})
+            return
+        log.error(why)
+        if self._on_refused is not None:
+            self._call_soon(self._on_refused, why)
 
     def _on_stats(self, raw: str) -> None:
         """librdkafka statistics: consumer lag per assigned partition."""

@@ -97,6 +97,15 @@ class PublishError(InfrastructureError):
     default_reason = "publish_failed"
 
 
+class KafkaRefusedError(InfrastructureError):
+    """The brokers refuse this client for good (bad credentials, an untrusted certificate):
+    retrying with the same settings cannot help, so the service stops and says why."""
+
+    stage = "kafka"
+    default_reason = "kafka_refused"
+    retryable = False
+
+
 class RecordTooLargeError(PublishError):
     """The record is over the producer's or the broker's size limit: no retry can send it."""
 

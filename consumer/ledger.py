@@ -257,18 +257,21 @@ class Ledger:
         """
         self._assign()
         deadline = time.monotonic() + timeout_s
-        targets = self._ends(deadline)
-        if targets is None:
-            return False
+        targets: dict[tuple[str, int], int] | None = None
         while True:
-            positions = self._consumer.position(self._partitions)
-            behind = [
-                tp
-                for tp in positions
-                if targets.get((tp.topic, tp.partition), 0) > max(tp.offset, 0)
-            ]
-            if not behind:
-                return True
+            if targets is None:
+                # Asked again on every pass until the broker answers (a new topic's leader
+                # may be unknown for a moment, a restarting broker for longer).
+                targets = self._ends(deadline)
+            if targets is not None:
+                positions = self._consumer.position(self._partitions)
+                behind = [
+                    tp
+                    for tp in positions
+                    if targets.get((tp.topic, tp.partition), 0) > max(tp.offset, 0)
+                ]
+                if not behind:
+                    return True
             if time.monotonic() >= deadline:
                 return False
             for message in self._consumer.consume(num_messages=1000, timeout=_POLL_S):
@@ -304,16 +307,23 @@ class Ledger:
         latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
         specs = {TopicPartition(tp.topic, tp.partition): latest for tp in self._partitions}
         timeout = max(1.0, min(deadline - time.monotonic(), _END_QUERY_TIMEOUT_S))
-        futures = self._admin.list_offsets(
-            specs, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout
-        )
+        try:
+            futures = self._admin.list_offsets(
+                specs, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout
+            )
+        except (KafkaException, SystemError):
+            # The binding reports some refusals (no broker up) as a SystemError.
+            return None
         ends = {}
         for tp, future in futures.items():
             try:
-                ends[(tp.topic, tp.partition)] = future.result().offset
+                # The request timeout does not cover a broker that is down: bound it here.
+                ends[(tp.topic, tp.partition)] = future.result(timeout=timeout + 1).offset
             except KafkaException as exc:
                 if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                     raise LedgerError(f"{tp.topic}[{tp.partition}] does not exist") from exc
+                return None
+            except TimeoutError:
                 return None
         return ends
 

@@ -59,10 +59,12 @@ class KafkaSettings(_Section):
     # until transaction_timeout_ms ends it).
     transactional_id: str | None = None
     transaction_timeout_ms: int = Field(default=10_000, ge=1_000)
-    # Largest record the producers send (librdkafka's message.max.bytes). Keep the output
-    # and DLQ topics' max.message.bytes at least this large. A DLQ record over it is sent
-    # without the original value (header dlq.value.omitted says how large it was).
-    max_record_bytes: int = Field(default=1_000_000, ge=1000)
+    # Largest record the producers send (librdkafka's message.max.bytes, before
+    # compression): room for the largest accepted event plus the DLQ headers. A DLQ record
+    # over it, or one the broker refuses as too large (the topic's max.message.bytes
+    # applies after compression), is sent without the original value (header
+    # dlq.value.omitted gives its size) rather than stall the partition.
+    max_record_bytes: int = Field(default=2 * 1024 * 1024, ge=1000)
     # Any other librdkafka property, applied last (e.g. {"fetch.min.bytes": "1"}).
     extra: dict[str, str] = Field(default_factory=dict)
 

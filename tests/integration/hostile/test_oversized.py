@@ -36,12 +36,6 @@ def _produce_compressed(bootstrap: str, topic: str, cases: list[EventCase]) -> N
     assert producer.flush(30) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the service's producer refuses records over librdkafka's message.max.bytes "
-    "(1,000,000) and Publisher.publish lets that KafkaException escape: no answer, the "
-    "offset is never stored",
-)
 def test_megabyte_strings_are_answered_once_each(
     kafka: KafkaBroker,
     topics: Topics,

@@ -175,12 +175,6 @@ def test_bad_credentials_consume_nothing_and_say_why(
     assert answers.count() == 0, "the service worked with bad credentials"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="librdkafka retries authentication and TLS failures for ever and reports them "
-    "only to error_cb, which the service does not set: it logs them and stays unready "
-    "instead of stopping with the cause",
-)
 @pytest.mark.parametrize("case", ["wrong-password", "untrusted-client-certificate"])
 def test_bad_credentials_stop_the_service_with_the_cause(
     case: str,

@@ -13,7 +13,12 @@ from prometheus_client import CollectorRegistry
 
 from consumer.app import Pipeline, confidence_threshold
 from consumer.batch import BatchResult
-from consumer.errors import FetchRefusedError, InferenceUnavailableError, PublishError
+from consumer.errors import (
+    FetchRefusedError,
+    InferenceUnavailableError,
+    PublishError,
+    RecordTooLargeError,
+)
 from consumer.events import EventCodec, parse_dlq_headers
 from consumer.fetch import FetchedImage
 from consumer.infer import ModelInfo
@@ -259,12 +264,27 @@ def test_threshold_is_the_setting_if_set_else_the_models_else_the_default(
 async def test_an_event_too_large_to_dead_letter_whole_goes_without_its_value() -> None:
     pipeline, publisher, source, _ = make_pipeline()
     huge = Message(
-        topic=TOPIC, partition=0, offset=0, key=b"k", value=b"\xc3\x01" + b"x" * 1_100_000
+        topic=TOPIC, partition=0, offset=0, key=b"k", value=b"\xc3\x01" + b"x" * 2_200_000
     )
     pipeline.on_messages([huge])
     assert await pipeline.wait_idle(5)
     ((topic, key, value, headers),) = publisher.records
     assert (topic, key, value) == ("dlq", b"k", b"")
-    assert dict(headers)["dlq.value.omitted"] == b"1100002"
+    assert dict(headers)["dlq.value.omitted"] == b"2200002"
     assert parse_dlq_headers(headers).reason == "event_too_large"
     assert source.stored == [{(TOPIC, 0): 1}]
+
+
+async def test_a_dlq_record_the_broker_refuses_as_too_large_is_resent_without_its_value() -> None:
+    class RefusesLarge(FakePublisher):
+        async def publish(self, topic, key, value, headers=()) -> None:  # type: ignore[no-untyped-def]
+            if len(value) > 1000:
+                raise RecordTooLargeError("record too large")
+            await super().publish(topic, key, value, headers)
+
+    pipeline, publisher, _, _ = make_pipeline(publisher=RefusesLarge())
+    pipeline.on_messages([Message(topic=TOPIC, partition=0, offset=0, key=b"k", value=b"y" * 5000)])
+    assert await pipeline.wait_idle(5)
+    ((topic, _key, value, headers),) = publisher.records
+    assert (topic, value) == ("dlq", b"")
+    assert dict(headers)["dlq.value.omitted"] == b"5000"
