@@ -20,9 +20,12 @@ Delivery modes (settings.delivery):
   commits those offsets for the group (KIP-447: with the consumer's group metadata, so a
   zombie's transaction is refused). A read_committed reader sees each answer once, in
   input order per partition. An aborted transaction is sent again with the same records
-  (they are still in memory, so nothing is re-read); a fenced producer stops the service
-  and a new process resumes from the committed offsets. Buffered answers count as in
-  flight for back-pressure.
+  (they are still in memory, so nothing is re-read). A producer that breaks (a broker
+  crash can leave its transaction unendable) is replaced by a new one with the same
+  transactional.id, which settles the old transaction, and every partition rewinds to
+  its committed offset: all work in memory is dropped and read again. A producer fenced
+  by a newer process stops the service. Buffered answers count as in flight for
+  back-pressure.
 
 Back-pressure: when `consumer.max_inflight` events are in flight every partition is
 paused (polling goes on, so the group does not evict us); they resume at
@@ -42,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import Message
+from confluent_kafka import KafkaException, Message
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from prometheus_client import CollectorRegistry
 
@@ -53,6 +56,7 @@ from consumer.errors import (
     BadInputError,
     InfrastructureError,
     KafkaRefusedError,
+    ProducerFailedError,
     PublishError,
     PublishFatalError,
     RecordTooLargeError,
@@ -136,6 +140,9 @@ class Pipeline:
         self._committing = True
         # Cleared at shutdown: messages handed over after it are not processed.
         self._intake = True
+        # Exactly-once: set while the consumer rewinds after a producer failure; messages
+        # read before the seek are not processed.
+        self._rewinding = False
         self._model = model
         # Set when the shutdown grace period is over: retries of outages give up then.
         self._stop = stop
@@ -150,7 +157,10 @@ class Pipeline:
         self._confident = metrics.suggestions.labels(confident="true")
         self._not_confident = metrics.suggestions.labels(confident="false")
         self._tracker = OffsetTracker()
-        self._tasks: dict[Partition, dict[int, asyncio.Task[None]]] = defaultdict(dict)
+        self._tasks: dict[Partition, set[asyncio.Task[None]]] = defaultdict(set)
+        # Bumped whenever a partition's work is abandoned (revoked, lost, assigned anew,
+        # rewound): a task from an older epoch finishes without touching offsets or answers.
+        self._epochs: dict[Partition, int] = defaultdict(int)
         self._inflight = 0
         self._paused = False
         self._idle = asyncio.Event()
@@ -160,19 +170,20 @@ class Pipeline:
     # -- PartitionHandler ----------------------------------------------------------------
 
     def on_messages(self, messages: Sequence[Message]) -> None:
-        if not self._intake:
+        if not self._intake or self._rewinding:
             # Shutting down: a poll that raced the pause can still hand messages over.
             # Left untracked, they hold back nothing already tracked (they are later in
             # their partitions), no offset at or past them is committed here, and the
             # partition's next owner reads them; processing them instead could publish
-            # answers after the final offsets were taken, duplicating them.
+            # answers after the final offsets were taken, duplicating them. Rewinding
+            # (exactly-once): they were read before the seek and are read again after it.
             return
         for message in messages:
             tp = (message.topic() or "", message.partition() or 0)
             offset = message.offset() or 0
             self._tracker.track(tp, offset)
-            task = asyncio.create_task(self._process(tp, offset, message))
-            self._tasks[tp][offset] = task
+            task = asyncio.create_task(self._process(tp, offset, message, self._epochs[tp]))
+            self._tasks[tp].add(task)
         self._inflight += len(messages)
         self._metrics.inflight.set(self._inflight)
         self._idle.clear()
@@ -183,8 +194,8 @@ class Pipeline:
 
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         for tp in partitions:
-            self._tracker.forget(tp)
-            self._drop_answers(tp)
+            # Anything left of an earlier ownership is stale: its new reads start over.
+            self._abandon(tp)
 
     async def on_revoked(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
         """Give the moving partitions' work the grace period, then abandon what is left.
@@ -194,7 +205,7 @@ class Pipeline:
         """
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._settings.consumer.shutdown_grace_s
-        tasks = [t for tp in partitions for t in self._tasks.get(tp, {}).values()]
+        tasks = [t for tp in partitions for t in self._tasks.get(tp, ())]
         if tasks:
             log.info("finishing in-flight work of revoked partitions", extra={"count": len(tasks)})
             await asyncio.wait(tasks, timeout=self._settings.consumer.shutdown_grace_s)
@@ -243,12 +254,13 @@ class Pipeline:
         self._intake = False
 
     def abandon_all(self) -> None:
-        for tp in list(self._tasks):
+        for tp in set(self._tasks) | set(self._answers) | set(self._tracker.partitions()):
             self._abandon(tp)
 
     def _abandon(self, tp: Partition) -> None:
-        for task in self._tasks.pop(tp, {}).values():
+        for task in self._tasks.pop(tp, ()):
             task.cancel()
+        self._epochs[tp] += 1
         self._tracker.forget(tp)
         self._drop_answers(tp)
 
@@ -286,6 +298,8 @@ class Pipeline:
                 break
             started = loop.time()
             await self.commit_answers()
+            if self._rewinding:
+                await self._rewind()
             # Whatever finishes meanwhile joins the next transaction.
             await _wait_or_stop(self._stop, max(0.0, interval - (loop.time() - started)))
 
@@ -315,6 +329,14 @@ class Pipeline:
                     return False
                 try:
                     await self._transactions.commit([a.record for a in records], offsets, metadata)
+                except ProducerFailedError as exc:
+                    log.warning(
+                        "transactional producer failed; replacing it and rewinding",
+                        extra={"error": exc.message},
+                    )
+                    self._metrics.retries.labels(stage="publish").inc()
+                    await self._replace_producer()
+                    return False
                 except PublishError as exc:
                     if not exc.retryable:
                         log.error("transactions stopped", extra={"error": exc.message})
@@ -333,6 +355,45 @@ class Pipeline:
                     continue
                 self._committed(records, taken)
                 return True
+
+    async def _replace_producer(self) -> None:
+        """Drop all work in memory and take a new producer; the rewind follows (outside
+        the commit lock: the consumer thread may be waiting on it in a revoke)."""
+        assert self._transactions is not None
+        self._rewinding = True
+        self.abandon_all()
+        delay = self._settings.triton.retry_backoff_base_s
+        while not self._stop.is_set():
+            try:
+                await self._transactions.reset()
+                break
+            except ProducerFailedError as exc:
+                log.warning("new producer not ready; retrying", extra={"error": exc.message})
+            except PublishError as exc:
+                log.error("transactions stopped", extra={"error": exc.message})
+                self._on_fatal(exc)
+                return
+            await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
+            delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+        self._commit_wanted.set()  # the transaction loop runs the rewind
+
+    async def _rewind(self) -> None:
+        """Seek every partition to its committed offset, then take messages again."""
+        assert self.source is not None
+        delay = self._settings.triton.retry_backoff_base_s
+        while not self._stop.is_set():
+            try:
+                await self.source.rewind()
+            except KafkaException as exc:
+                log.warning("rewind failed; retrying", extra={"error": str(exc)})
+                await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
+                delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+                continue
+            # Messages handed over before the rewind returned were ignored; drop any
+            # state they may have left, then take what is read from the committed offsets.
+            self.abandon_all()
+            self._rewinding = False
+            return
 
     def _ready_answers(
         self, partitions: Sequence[Partition] | None
@@ -378,13 +439,13 @@ class Pipeline:
 
     # -- one event -----------------------------------------------------------------------
 
-    async def _process(self, tp: Partition, offset: int, message: Message) -> None:
+    async def _process(self, tp: Partition, offset: int, message: Message, epoch: int) -> None:
         answered = False
         delay = self._settings.triton.retry_backoff_base_s
         try:
             while not answered:
                 try:
-                    await self._answer(message)
+                    await self._answer(message, epoch)
                     answered = True
                 except InfrastructureError as exc:
                     # A dependency is down: the event is not at fault. Try it again until
@@ -404,19 +465,22 @@ class Pipeline:
                     await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
                     delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
         finally:
-            self._tasks.get(tp, {}).pop(offset, None)
-            if answered:
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.get(tp, set()).discard(task)
+            current = self._epochs[tp] == epoch
+            if answered and current:
                 committable = self._tracker.finish(tp, offset)
                 if self._transactions is not None:
                     if committable is not None:
                         self._commit_wanted.set()
                 elif committable is not None and self.source is not None:
                     self.source.store({tp: committable})
-            if not (answered and self._transactions is not None):
-                # Exactly-once: an answer stays in flight until its transaction commits.
+            if not (answered and current and self._transactions is not None):
+                # Exactly-once: a kept answer stays in flight until its transaction commits.
                 self._done(1)
 
-    async def _answer(self, message: Message) -> None:
+    async def _answer(self, message: Message, epoch: int) -> None:
         watch = _Stopwatch()
         try:
             event = self._codec.decode_uploaded(message.value() or b"")
@@ -438,7 +502,8 @@ class Pipeline:
             watch.queue_s, watch.infer_s = result.queue_s, result.infer_s
             prediction = postprocess(result.probabilities, self._model.labels, self._threshold)
         except BadInputError as exc:
-            await self._dead_letter(message, exc, getattr(exc, "attempts", watch.attempts))
+            attempts = getattr(exc, "attempts", watch.attempts)
+            await self._dead_letter(message, exc, attempts, epoch)
             return
 
         now = datetime.now(UTC)
@@ -472,11 +537,13 @@ class Pipeline:
         )
         self._fetch_latency.observe(watch.fetch_s)
         self._decode_latency.observe(watch.decode_s)
-        await self._emit(message, record, uploaded_at=event.uploaded_at)
+        await self._emit(message, record, epoch, uploaded_at=event.uploaded_at)
         self._suggested.inc()
         (self._confident if prediction.confident else self._not_confident).inc()
 
-    async def _dead_letter(self, message: Message, exc: SuggesterError, attempts: int) -> None:
+    async def _dead_letter(
+        self, message: Message, exc: SuggesterError, attempts: int, epoch: int
+    ) -> None:
         info = DlqInfo.for_error(
             exc,
             topic=message.topic() or "",
@@ -494,12 +561,15 @@ class Pipeline:
         else:
             record = OutputRecord(topic, message.key(), value, headers)
         try:
-            await self._emit(message, record, uploaded_at=None)
+            await self._emit(message, record, epoch, uploaded_at=None)
         except RecordTooLargeError:
             # The original cannot travel: dead-letter the reason without the value, rather
             # than retry a record no broker will take (the partition would stall).
             await self._emit(
-                message, _without_value(topic, message.key(), value, headers), uploaded_at=None
+                message,
+                _without_value(topic, message.key(), value, headers),
+                epoch,
+                uploaded_at=None,
             )
         log.info(
             "event dead-lettered",
@@ -514,14 +584,18 @@ class Pipeline:
         self._metrics.events.labels(outcome="dead_lettered").inc()
 
     async def _emit(
-        self, message: Message, record: OutputRecord, *, uploaded_at: datetime | None
+        self, message: Message, record: OutputRecord, epoch: int, *, uploaded_at: datetime | None
     ) -> None:
-        """At-least-once: publish now. Exactly-once: keep for the partition's transaction."""
+        """At-least-once: publish now. Exactly-once: keep for the partition's transaction
+        (unless the partition's work was abandoned meanwhile: its next reader answers)."""
         if self._transactions is not None:
             tp = (message.topic() or "", message.partition() or 0)
-            self._answers[tp][message.offset() or 0] = _Answer(
-                record, uploaded_at, time.perf_counter()
-            )
+            if self._epochs[tp] == epoch:
+                answers = self._answers[tp]
+                offset = message.offset() or 0
+                if offset in answers:
+                    self._done(1)  # a second answer for one offset replaces the first
+                answers[offset] = _Answer(record, uploaded_at, time.perf_counter())
             return
         started = time.perf_counter()
         await self._publish(record)

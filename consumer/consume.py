@@ -32,7 +32,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from consumer.metrics import Metrics
 from consumer.settings import DeliveryMode, Settings
@@ -58,9 +65,11 @@ class PartitionHandler(Protocol):
 
 @dataclass(frozen=True)
 class _Request:
-    kind: str  # "pause" | "resume" | "drain" | "store"
+    kind: str  # "pause" | "resume" | "drain" | "store" | "rewind"
     partitions: tuple[Partition, ...] = ()
     offsets: tuple[tuple[str, int, int], ...] = ()
+    # "rewind": settled on the event loop once done (an exception if it failed).
+    reply: asyncio.Future[None] | None = None
 
 
 def refusal(error: KafkaError) -> str | None:
@@ -172,6 +181,16 @@ class KafkaSource:
             items = tuple((t, p, o) for (t, p), o in offsets.items())
             self._requests.put(_Request("store", offsets=items))
 
+    async def rewind(self) -> None:
+        """Seek every assigned partition back to its committed offset (exactly-once, after
+        a producer failure). Returns once done: every message handed over before the
+        return was read before the seek, every one after it was read after. Raises
+        `KafkaException` when the committed offsets cannot be read."""
+        assert self._loop is not None
+        reply: asyncio.Future[None] = self._loop.create_future()
+        self._requests.put(_Request("rewind", reply=reply))
+        await reply
+
     def stop_polling(self) -> None:
         """Stop fetching new messages (pause everything, for good); rebalances are served."""
         self._requests.put(_Request("pause"))
@@ -256,10 +275,27 @@ class KafkaSource:
                 for topic, partition, offset in request.offsets:
                     if (topic, partition) in self._assigned:
                         to_store[(topic, partition)] = offset
+            elif request.kind == "rewind" and request.reply is not None:
+                self._rewind(request.reply)
         if to_store:
             self._consumer.store_offsets(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in to_store.items()]
             )
+
+    def _rewind(self, reply: asyncio.Future[None]) -> None:
+        error: KafkaException | None = None
+        try:
+            assigned = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+            # With read_committed, a commit still inside an open transaction makes the
+            # broker answer "unstable"; librdkafka retries until it is settled.
+            committed = self._consumer.committed(assigned, timeout=30) if assigned else []
+            for tp in committed:
+                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            log.info("rewound to the committed offsets", extra={"partitions": len(committed)})
+        except KafkaException as exc:
+            error = exc
+        self._call_soon(_settle, reply, error)
 
     def _pause(self, partitions: set[Partition]) -> None:
         if partitions:
@@ -363,6 +399,15 @@ class KafkaSource:
                 if lag is not None and lag >= 0:
                     self._lag_labels.add((topic, partition))
                     self._metrics.consumer_lag.labels(topic=topic, partition=pid).set(lag)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _fmt(partitions: Sequence[Partition]) -> str:

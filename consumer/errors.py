@@ -20,7 +20,8 @@ Every failure of a step is one of these. Two kinds matter to the pipeline:
         ├── InferenceUnavailableError stage=infer
         ├── ModelContractError        stage=startup (the served model breaks the contract)
         ├── PublishError              stage=publish
-        │   └── PublishFatalError     the producer cannot go on (fenced, broken): stop
+        │   ├── PublishFatalError     the producer cannot go on (fenced by a newer process): stop
+        │   └── ProducerFailedError   a transactional producer broke: replace it, rewind
         └── RegistryError             stage=registry (unreachable; or it refused our schema)
 """
 
@@ -120,6 +121,15 @@ class PublishFatalError(PublishError):
 
     default_reason = "publish_fatal"
     retryable = False
+
+
+class ProducerFailedError(PublishError):
+    """A transactional producer reached a fatal state without being fenced (a broker crash
+    can leave its transaction in a state it cannot end). A new producer with the same
+    transactional.id settles the old transaction; the pipeline then rewinds to the
+    committed offsets, since whether that transaction committed is unknown."""
+
+    default_reason = "producer_failed"
 
 
 class RegistryError(InfrastructureError):

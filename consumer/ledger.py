@@ -229,10 +229,13 @@ class Ledger:
             "fetch.wait.max.ms": 100,
         }
         self._consumer = Consumer(conf)
-        self._admin = AdminClient(dict(kafka_config))
+        self._kafka_config = dict(kafka_config)
+        self._admin = AdminClient(self._kafka_config)
         self._records = LedgerRecords()
         self._partitions: list[TopicPartition] = []
         self._assigned = False
+        # After a `refresh` that returned False: which partitions it could not finish.
+        self.behind: list[str] = []
 
     def __enter__(self) -> Ledger:
         return self
@@ -258,7 +261,12 @@ class Ledger:
         self._assign()
         deadline = time.monotonic() + timeout_s
         targets: dict[tuple[str, int], int] | None = None
+        self.behind = ["(the ends of the partitions are not known)"]
         while True:
+            # Read first: a pass never returns without one poll (a caller that polls the
+            # ledger in a loop does not spin).
+            for message in self._consumer.consume(num_messages=1000, timeout=_POLL_S):
+                self._take(message)
             if targets is None:
                 # Asked again on every pass until the broker answers (a new topic's leader
                 # may be unknown for a moment, a restarting broker for longer).
@@ -270,12 +278,15 @@ class Ledger:
                     for tp in positions
                     if targets.get((tp.topic, tp.partition), 0) > max(tp.offset, 0)
                 ]
+                self.behind = [
+                    f"{tp.topic}[{tp.partition}] at {tp.offset} of "
+                    f"{targets.get((tp.topic, tp.partition))}"
+                    for tp in behind
+                ]
                 if not behind:
                     return True
             if time.monotonic() >= deadline:
                 return False
-            for message in self._consumer.consume(num_messages=1000, timeout=_POLL_S):
-                self._take(message)
 
     def totals(self) -> LedgerTotals:
         return tally(self._records)
@@ -311,21 +322,19 @@ class Ledger:
             futures = self._admin.list_offsets(
                 specs, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout
             )
-        except (KafkaException, SystemError):
-            # The binding reports some refusals (no broker up) as a SystemError.
-            return None
-        ends = {}
-        for tp, future in futures.items():
-            try:
+            ends = {}
+            for tp, future in futures.items():
                 # The request timeout does not cover a broker that is down: bound it here.
                 ends[(tp.topic, tp.partition)] = future.result(timeout=timeout + 1).offset
-            except KafkaException as exc:
-                if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    raise LedgerError(f"{tp.topic}[{tp.partition}] does not exist") from exc
-                return None
-            except TimeoutError:
-                return None
-        return ends
+            return ends
+        except (KafkaException, TimeoutError, SystemError):
+            # Not known now (a broker restarting, a new topic's leader not yet elected).
+            # SystemError: how the binding reports some refusals (no broker up).
+            pass
+        # The admin client keeps the leader epochs it saw: after a broker restart it is
+        # refused ("fenced leader epoch") until replaced.
+        self._admin = AdminClient(self._kafka_config)
+        return None
 
     def _take(self, message: Message) -> None:
         error = message.error()

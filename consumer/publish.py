@@ -10,17 +10,19 @@ and resolves the asyncio futures on the event loop.
 Exactly-once (`TransactionalPublisher`). Takes: records in the order they must appear,
 the input offsets they answer and the consumer's group metadata. `commit` makes them one
 Kafka transaction: the records and the offsets become visible together (to
-read_committed readers and to the group) or not at all. Raises `PublishError`: retryable
-when the transaction was aborted (the caller sends the same records again), not retryable
-when the producer is fenced or broken (a newer process took over its transactional.id;
-this one must stop). Every producer call runs on one thread of its own, in order.
+read_committed readers and to the group) or not at all. Raises `PublishError` when the
+transaction was aborted (the caller sends the same records again); `ProducerFailedError`
+when the producer reached a fatal state on its own (the caller `reset()`s it and rewinds
+to the committed offsets: whether the failed transaction committed is not known);
+`PublishFatalError` when a newer process took over the transactional.id (this one must
+stop). Every producer call runs on one thread of its own, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -30,7 +32,12 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from consumer.errors import PublishError, PublishFatalError, RecordTooLargeError
+from consumer.errors import (
+    ProducerFailedError,
+    PublishError,
+    PublishFatalError,
+    RecordTooLargeError,
+)
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -193,21 +200,39 @@ class TransactionalPublisher:
         settings: Settings,
         *,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        watchdog_s: float | None = None,
     ) -> None:
-        conf = transactional_config(settings)
-        self.transactional_id: str = conf["transactional.id"]
+        self._conf = transactional_config(settings)
+        self.transactional_id: str = self._conf["transactional.id"]
         self._timeout_s = settings.kafka.transaction_timeout_ms / 1000
-        self._producer = producer_factory(conf)
-        # One thread: the transactional calls must not overlap, and they block.
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-txn")
+        # A transaction retries its offsets and commit for up to the timeout, then its
+        # abort for up to the timeout again. librdkafka does not always keep to its timeouts
+        # (send_offsets_to_transaction can wait for ever on a group coordinator that went
+        # away: librdkafka issues 5456, 5511); past this, the producer counts as broken.
+        self._watchdog_s = watchdog_s or 2 * self._timeout_s + 5
+        self._factory = producer_factory
+        self._lane = _Lane(producer_factory(self._conf))
 
     async def start(self) -> None:
         """Register the transactional.id: fences an older producer with the same id and
-        aborts its open transaction. Raises `PublishError` when the broker refuses."""
+        aborts its open transaction. Raises `PublishFatalError` when that fails."""
         try:
-            await self._call(self._producer.init_transactions, self._timeout_s)
+            await self._call(_init, self._lane.producer, self._timeout_s)
+        except (KafkaException, ProducerFailedError) as exc:
+            raise PublishFatalError(f"init_transactions failed: {exc}") from exc
+
+    async def reset(self) -> None:
+        """Replace the producer by a new one with the same transactional.id, whose
+        registration ends the old one's transaction (aborted, or completed if its commit
+        had reached the coordinator). The old producer is left to its thread, which may
+        be stuck in a call; it is fenced and never used again. Raises
+        `ProducerFailedError` to be tried again later, `PublishFatalError` when fenced."""
+        self._lane.retire()
+        self._lane = _Lane(self._factory(self._conf))
+        try:
+            await self._call(_init, self._lane.producer, self._timeout_s)
         except KafkaException as exc:
-            raise PublishFatalError(f"init_transactions failed: {exc.args[0].str()}") from exc
+            raise _failure(exc.args[0], "registering a new producer failed") from exc
 
     async def commit(
         self,
@@ -217,72 +242,151 @@ class TransactionalPublisher:
     ) -> None:
         """Publish `records` in this order and commit `offsets` (next offsets to read) for
         the group, atomically. See the module docstring for what it raises."""
-        await self._call(self._transaction, records, offsets, group_metadata)
+        await self._call(
+            _transaction, self._lane.producer, records, offsets, group_metadata, self._timeout_s
+        )
 
     async def close(self) -> None:
         """Close after the last commit: nothing is pending then."""
-        await self._call(self._producer.flush, 5.0)
-        self._thread.shutdown(wait=True)
+        try:
+            await self._call(self._lane.producer.flush, 5.0)
+        except ProducerFailedError as exc:
+            log.warning("closing the producer", extra={"error": exc.message})
+        self._lane.retire()
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    # -- on the producer's thread ---------------------------------------------------------
-
-    def _transaction(
-        self,
-        records: Sequence[OutputRecord],
-        offsets: Mapping[tuple[str, int], int],
-        group_metadata: object,
-    ) -> None:
-        producer = self._producer
         try:
-            producer.begin_transaction()
-            for record in records:
-                self._produce(record)
-            positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-            self._retrying(
-                lambda: producer.send_offsets_to_transaction(
-                    positions, group_metadata, self._timeout_s
-                )
+            async with asyncio.timeout(self._watchdog_s):
+                return await self._lane.call(fn, *args)
+        except TimeoutError as exc:
+            raise ProducerFailedError(
+                f"a transactional call did not return within {self._watchdog_s:.0f} s"
+            ) from exc
+
+
+class _Lane:
+    """One producer and the one thread that makes its calls, in order.
+
+    The transactional calls must not overlap and they block. The thread is a daemon: one
+    stuck in librdkafka must not keep the process from exiting.
+    """
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="kafka-txn", daemon=True).start()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._calls.put(_Call(fn, args, loop, future))
+        return await future
+
+    def retire(self) -> None:
+        """Let the thread end after the call it may be in; the producer goes with it."""
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            try:
+                result = call.fn(*call.args)
+            except Exception as exc:  # noqa: BLE001  (relayed to the caller, as an executor does)
+                call.loop.call_soon_threadsafe(_settle_call, call.future, None, exc)
+            else:
+                call.loop.call_soon_threadsafe(_settle_call, call.future, result, None)
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+def _settle_call(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return  # the caller gave up (the watchdog)
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+# -- transactional calls, made on a lane's thread -----------------------------------------
+
+
+def _init(producer: Producer, timeout_s: float) -> None:
+    _retrying(lambda: producer.init_transactions(timeout_s), time.monotonic() + timeout_s)
+
+
+def _transaction(
+    producer: Producer,
+    records: Sequence[OutputRecord],
+    offsets: Mapping[tuple[str, int], int],
+    group_metadata: object,
+    timeout_s: float,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    try:
+        producer.begin_transaction()
+        for record in records:
+            _produce(producer, record)
+        positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        _retrying(
+            lambda: producer.send_offsets_to_transaction(
+                positions, group_metadata, _left(deadline)
+            ),
+            deadline,
+        )
+        _retrying(lambda: producer.commit_transaction(_left(deadline)), deadline)
+    except KafkaException as exc:
+        error: KafkaError = exc.args[0]
+        if error.fatal():
+            raise _failure(error, "transactional producer failed") from exc
+        deadline = time.monotonic() + timeout_s
+        try:
+            _retrying(lambda: producer.abort_transaction(_left(deadline)), deadline)
+        except KafkaException as abort_exc:
+            # Not aborted: this producer cannot go on; a new one must settle its transaction.
+            raise _failure(abort_exc.args[0], "aborting the transaction failed") from abort_exc
+        raise PublishError(f"transaction aborted: {error.str()}") from exc
+
+
+def _produce(producer: Producer, record: OutputRecord) -> None:
+    while True:
+        try:
+            producer.produce(
+                record.topic, value=record.value, key=record.key, headers=list(record.headers)
             )
-            self._retrying(lambda: producer.commit_transaction(self._timeout_s))
+            return
+        except BufferError:
+            # The local queue is full: serve deliveries to make room.
+            producer.poll(0.1)
+
+
+def _left(deadline: float) -> float:
+    """Seconds to `deadline`, at least a little: a call with no time left fails at once."""
+    return max(0.5, deadline - time.monotonic())
+
+
+def _retrying(call: Callable[[], None], deadline: float) -> None:
+    """Run `call`, again while librdkafka says the same call may succeed, until `deadline`."""
+    while True:
+        try:
+            call()
+            return
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
-            if error.fatal():
-                raise PublishFatalError(f"transactional producer failed: {error.str()}") from exc
-            self._abort()
-            raise PublishError(f"transaction aborted: {error.str()}") from exc
+            if not error.retriable() or time.monotonic() >= deadline:
+                raise
 
-    def _produce(self, record: OutputRecord) -> None:
-        while True:
-            try:
-                self._producer.produce(
-                    record.topic, value=record.value, key=record.key, headers=list(record.headers)
-                )
-                return
-            except BufferError:
-                # The local queue is full: serve deliveries to make room.
-                self._producer.poll(0.1)
 
-    def _retrying(self, call: Callable[[], None]) -> None:
-        """Run `call`, again while librdkafka says the same call may succeed."""
-        deadline = time.monotonic() + self._timeout_s
-        while True:
-            try:
-                call()
-                return
-            except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-                if not error.retriable() or time.monotonic() >= deadline:
-                    raise
+# A newer producer registered our transactional.id: two processes think they own it.
+_FENCED = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED})
 
-    def _abort(self) -> None:
-        try:
-            self._retrying(lambda: self._producer.abort_transaction(self._timeout_s))
-        except KafkaException as exc:
-            # Not aborted: this producer cannot go on; a new process resumes from the
-            # committed offsets.
-            raise PublishFatalError(
-                f"aborting the transaction failed: {exc.args[0].str()}"
-            ) from exc
+
+def _failure(error: KafkaError, what: str) -> PublishError:
+    if error.code() in _FENCED:
+        return PublishFatalError(f"{what}: {error.str()}")
+    return ProducerFailedError(f"{what}: {error.str()}")

@@ -182,6 +182,44 @@ class ServiceGroup:
     def logs(self) -> str:
         return "\n".join(p.log_tail(40) for p in self.processes)
 
+    def rebalances(self) -> int:
+        """Partitions revoked or lost so far, summed over the running processes' logs."""
+        count = 0
+        for process in self.processes:
+            text = process.log_path.read_text(errors="replace")
+            count += text.count('"partitions revoked"') + text.count('"partitions lost')
+        return count
+
+    def state(self) -> str:
+        """Each process's in-flight, assigned and paused gauges and retries, for failures."""
+        names = (
+            "suggester_inflight_events",
+            "suggester_assigned_partitions",
+            "suggester_paused_partitions",
+            'suggester_retries_total{stage="publish"}',
+            'suggester_retries_total{stage="infer"}',
+        )
+        rows = []
+        for slot, process in enumerate(self.processes):
+            if process.exit_code() is not None:
+                rows.append(f"[{slot}] exited {process.exit_code()}")
+                continue
+            page = process.metrics()
+            rows.append(f"[{slot}] " + " ".join(f"{n}={metric_value(page, n)}" for n in names))
+        return "\n".join(rows)
+
+    def metric(self, name: str) -> float:
+        """A metric's value (`name` with its labels, as exposed) summed over the processes."""
+        return sum(metric_value(p.metrics(), name) for p in self.processes)
+
+
+def metric_value(page: str, name: str) -> float:
+    """The value of one sample in a Prometheus text page; 0 when it is absent."""
+    for line in page.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
 
 class LedgerWatch:
     """The ledger of one test's topics, polled until a condition holds."""
@@ -200,7 +238,7 @@ class LedgerWatch:
 
     def totals(self, timeout_s: float = 60) -> LedgerTotals:
         """Read everything committed so far; fail if the end cannot be reached in time."""
-        assert self._ledger.refresh(timeout_s), "the ledger could not read to the end"
+        assert self._ledger.refresh(timeout_s), f"the ledger is behind: {self._ledger.behind}"
         return self._ledger.totals()
 
     def wait(

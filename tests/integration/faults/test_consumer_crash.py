@@ -106,3 +106,52 @@ def test_kill_9_of_consumers_loses_nothing_and_duplicates_at_most_the_window(
     assert totals.dead_lettered_total == 0
     assert totals.foreign == 0
     assert totals.extra_answers <= bound, f"{totals.extra_answers} duplicates > bound {bound}"
+
+
+@pytest.mark.parametrize(
+    ("events", "restarts"),
+    [
+        pytest.param(1500, 1, id="short"),
+        pytest.param(20_000, 5, id="long", marks=[pytest.mark.chaos, pytest.mark.timeout(3600)]),
+    ],
+)
+@pytest.mark.parametrize("mode", ["at_least_once", "exactly_once"])
+def test_rolling_sigterm_restart_of_every_consumer_loses_and_duplicates_nothing(
+    events: int,
+    restarts: int,
+    mode: str,
+    kafka: KafkaBroker,
+    topics: Topics,
+    image_origin: ImageOrigin,
+    start_service: ServiceFactory,
+    fault_records: list[FaultRecord],
+) -> None:
+    urls = tiny_photos(image_origin, "rolling")
+    group = ServiceGroup(start_service, 3, env={"SUGGESTER_DELIVERY": mode}).start()
+    watch = LedgerWatch(kafka.bootstrap_servers, topics)
+    started = time.monotonic()
+    # Paced so that the whole rolling restart happens with events flowing.
+    flow = EventFlow(kafka.bootstrap_servers, topics.input, urls, events, rate=60).start()
+    step = events // (3 * restarts + 1)
+    for restarted, slot in enumerate([s for _ in range(restarts) for s in range(3)], 1):
+        watch.progress(step * restarted, timeout_s=120)
+        assert group.terminate(slot) == 0, group.processes[slot].log_tail()
+        group.restart([slot])
+    flow.join()
+    watch.answered(events, timeout_s=300, diagnostics=group.logs)
+    elapsed = time.monotonic() - started
+    assert group.terminate_all() == [0, 0, 0]
+    totals = watch.totals()
+    watch.close()
+    fault_records.append(
+        FaultRecord(
+            "SIGTERM rolling restart",
+            f"{mode} {restarts}x3 restarts, {events} events",
+            totals,
+            {"events_per_s": totals.events / elapsed},
+        )
+    )
+    assert totals.events == events
+    assert totals.lost == 0, totals.lost_sample
+    assert totals.duplicated == 0, totals.duplicated_sample
+    assert totals.dead_lettered_total == 0

@@ -14,7 +14,13 @@ from prometheus_client import CollectorRegistry
 
 from consumer.app import Pipeline
 from consumer.batch import BatchResult
-from consumer.errors import FetchRefusedError, PublishError, PublishFatalError, SuggesterError
+from consumer.errors import (
+    FetchRefusedError,
+    ProducerFailedError,
+    PublishError,
+    PublishFatalError,
+    SuggesterError,
+)
 from consumer.events import EventCodec
 from consumer.fetch import FetchedImage
 from consumer.infer import ModelInfo
@@ -66,6 +72,10 @@ class FakeTransactions:
         default_factory=list
     )
     attempts: int = 0
+    resets: int = 0
+
+    async def reset(self) -> None:
+        self.resets += 1
 
     async def commit(
         self,
@@ -102,6 +112,17 @@ def _sources(records: Sequence[OutputRecord]) -> list[int]:
 class FakeSource:
     pauses: int = 0
     resumes: int = 0
+    rewinds: int = 0
+    rewound: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set by a test: runs while the rewind is under way (messages read before the seek).
+    during_rewind: list[Message] = field(default_factory=list)
+    pipeline: Pipeline | None = None
+
+    async def rewind(self) -> None:
+        self.rewinds += 1
+        assert self.pipeline is not None
+        self.pipeline.on_messages(self.during_rewind)
+        self.rewound.set()
 
     def store(self, offsets: dict[tuple[str, int], int]) -> None:
         raise AssertionError("exactly-once never stores offsets in the consumer")
@@ -148,7 +169,7 @@ def make_pipeline(
         stop=asyncio.Event(),
         on_fatal=fatal.append,
     )
-    source = FakeSource()
+    source = FakeSource(pipeline=pipeline)
     pipeline.source = source  # type: ignore[assignment]
     return pipeline, source, fatal
 
@@ -285,3 +306,25 @@ async def test_uncommitted_answers_hold_back_pressure_until_committed_or_lost(
     assert source.resumes == 1
     assert pipeline.inflight == 0
     assert transactions.committed_offsets() == ([] if lost_during_commit else [0, 1, 2, 3])
+
+
+async def test_a_broken_producer_is_replaced_and_the_partitions_rewound() -> None:
+    transactions = FakeTransactions(failures=[ProducerFailedError("cannot end transaction")])
+    pipeline, source, fatal = make_pipeline(transactions, GatedFetcher())
+    loop_task = asyncio.create_task(pipeline.run_transactions())
+    # Read before the seek: ignored, since whether their answers committed is unknown.
+    source.during_rewind = [message(2, "http://o/late.jpg")]
+    pipeline.on_messages([message(0, "http://o/a.jpg"), message(1, "http://o/b.jpg")])
+    await asyncio.wait_for(source.rewound.wait(), 5)
+    await settle()
+    assert source.rewinds == 1
+    assert transactions.resets == 1
+    assert transactions.commits == []
+    assert pipeline.inflight == 0, "all work in memory is dropped"
+    # Read again from the committed offset after the seek.
+    pipeline.on_messages([message(0, "http://o/a.jpg"), message(1, "http://o/b.jpg")])
+    assert await pipeline.wait_idle(5)
+    pipeline.stop_transactions()
+    await loop_task
+    assert transactions.committed_offsets() == [0, 1]
+    assert not fatal

@@ -1,0 +1,150 @@
+"""The transactional publisher against a fake producer: calls, errors, the watchdog."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from consumer.errors import ProducerFailedError, PublishError, PublishFatalError
+from consumer.publish import OutputRecord, TransactionalPublisher
+from consumer.settings import Settings
+
+SETTINGS = Settings(
+    delivery="exactly_once",
+    kafka={"group_id": "g", "group_instance_id": "pod-0", "transaction_timeout_ms": 1000},
+)
+
+
+class FakeProducer:
+    """Records the calls; `fail` maps a method to the KafkaError it raises once."""
+
+    def __init__(self, conf: dict[str, Any], calls: list[str]) -> None:
+        self.conf = conf
+        self.calls = calls
+        self.fail: dict[str, KafkaError] = {}
+        self.block: threading.Event | None = None
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.fail:
+            raise KafkaException(self.fail.pop(name))
+
+    def init_transactions(self, timeout: float) -> None:
+        self._call("init")
+
+    def begin_transaction(self) -> None:
+        self._call("begin")
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, headers: list[Any]) -> None:
+        self.calls.append(f"produce {topic} {value.decode()}")
+
+    def send_offsets_to_transaction(self, positions: list[Any], metadata: object, timeout: float):  # type: ignore[no-untyped-def]
+        self.calls.append("offsets " + ",".join(f"{p.partition}:{p.offset}" for p in positions))
+        if self.block is not None:
+            self.block.wait()
+        self._call("send_offsets")
+
+    def commit_transaction(self, timeout: float) -> None:
+        self._call("commit")
+
+    def abort_transaction(self, timeout: float) -> None:
+        self._call("abort")
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+
+class Factory:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.producers: list[FakeProducer] = []
+
+    def __call__(self, conf: dict[str, Any]) -> FakeProducer:
+        producer = FakeProducer(conf, self.calls)
+        self.producers.append(producer)
+        return producer
+
+
+RECORDS = [OutputRecord("out", b"k", b"a"), OutputRecord("dlq", b"k", b"b", (("h", b"v"),))]
+OFFSETS = {("in", 0): 7, ("in", 3): 2}
+
+
+async def started(factory: Factory, **kwargs: Any) -> TransactionalPublisher:
+    publisher = TransactionalPublisher(SETTINGS, producer_factory=factory, **kwargs)  # type: ignore[arg-type]
+    await publisher.start()
+    return publisher
+
+
+async def test_a_commit_is_one_transaction_of_the_records_in_order_and_the_offsets() -> None:
+    factory = Factory()
+    publisher = await started(factory)
+    await publisher.commit(RECORDS, OFFSETS, object())
+    assert factory.calls == [
+        "init",
+        "begin",
+        "produce out a",
+        "produce dlq b",
+        "offsets 0:7,3:2",
+        "send_offsets",
+        "commit",
+    ]
+    conf = factory.producers[0].conf
+    assert conf["transactional.id"] == "g.pod-0"
+    assert conf["transaction.timeout.ms"] == 1000
+    assert "delivery.timeout.ms" not in conf
+    await publisher.close()
+
+
+async def test_retriable_calls_are_repeated_and_abortable_ones_abort() -> None:
+    factory = Factory()
+    publisher = await started(factory)
+    producer = factory.producers[0]
+    producer.fail["commit"] = KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True)
+    await publisher.commit(RECORDS, OFFSETS, object())
+    assert factory.calls.count("commit") == 2
+
+    producer.fail["send_offsets"] = KafkaError(
+        KafkaError.ILLEGAL_GENERATION, "rebalanced", txn_requires_abort=True
+    )
+    with pytest.raises(PublishError) as raised:
+        await publisher.commit(RECORDS, OFFSETS, object())
+    assert type(raised.value) is PublishError
+    assert raised.value.retryable
+    assert factory.calls[-1] == "abort"
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (KafkaError._FENCED, PublishFatalError),
+        (KafkaError.INVALID_TXN_STATE, ProducerFailedError),
+    ],
+)
+async def test_fatal_errors_are_fencing_or_a_broken_producer(
+    code: int, error: type[PublishError]
+) -> None:
+    factory = Factory()
+    publisher = await started(factory)
+    factory.producers[0].fail["commit"] = KafkaError(code, "fatal", fatal=True)
+    with pytest.raises(error):
+        await publisher.commit(RECORDS, OFFSETS, object())
+
+
+async def test_a_call_that_never_returns_breaks_the_producer_and_reset_replaces_it() -> None:
+    factory = Factory()
+    publisher = await started(factory, watchdog_s=0.2)
+    stuck = threading.Event()
+    factory.producers[0].block = stuck
+    with pytest.raises(ProducerFailedError, match="did not return"):
+        await publisher.commit(RECORDS, OFFSETS, object())
+
+    await publisher.reset()
+    assert len(factory.producers) == 2
+    assert factory.calls[-1] == "init", "the new producer registers the transactional.id"
+    await publisher.commit(RECORDS, OFFSETS, object())
+    assert factory.calls[-1] == "commit"
+    stuck.set()  # the old producer's thread ends; nothing it does reaches the new one
+    await publisher.close()
