@@ -1,6 +1,6 @@
 """Decode image files one after another and report each decode's cost, as JSON lines.
 
-    python -m tests.corpus.measure_decode SIZE MAX_PIXELS FILE...
+    python -m tests.corpus.measure_decode SIZE MAX_PIXELS MAX_PIXELS_LOSSLESS FILE...
 
 For each file: {"file", "outcome" (SUGGESTED or the ImageDecodeError reason), "cpu_s" (this
 thread's CPU time in the decode), "wall_s", "rss_growth" (the process's peak resident
@@ -34,17 +34,18 @@ def _status_kib(field: str) -> int:
 
 
 def main(argv: list[str]) -> None:
-    size, max_pixels, *files = argv
+    size, max_pixels, max_pixels_lossless, *files = argv
+    limits = {"max_pixels": int(max_pixels), "max_pixels_lossless": int(max_pixels_lossless)}
     blobs = [(name, Path(name).read_bytes()) for name in files]
     # A warm-up decode: first-use allocations (plugins, numpy) are not the image's cost.
     warm = io.BytesIO()
     Image.new("RGB", (64, 48)).save(warm, "PNG")
-    decode_image(warm.getvalue(), size=int(size), max_pixels=int(max_pixels))
+    decode_image(warm.getvalue(), size=int(size), **limits)
     baseline = _status_kib("VmRSS")
     for name, data in blobs:
         cpu, wall = time.thread_time(), time.perf_counter()
         try:
-            decode_image(data, size=int(size), max_pixels=int(max_pixels))
+            decode_image(data, size=int(size), **limits)
             outcome = SUGGESTED
         except ImageDecodeError as exc:
             outcome = exc.reason
