@@ -65,7 +65,7 @@ class PartitionHandler(Protocol):
 
 @dataclass(frozen=True)
 class _Request:
-    kind: str  # "pause" | "resume" | "drain" | "store" | "rewind"
+    kind: str  # "pause" | "resume" | "drain" | "store" | "rewind" | "unpause"
     partitions: tuple[Partition, ...] = ()
     offsets: tuple[tuple[str, int, int], ...] = ()
     # "rewind": settled on the event loop once done (an exception if it failed).
@@ -277,6 +277,10 @@ class KafkaSource:
                         to_store[(topic, partition)] = offset
             elif request.kind == "rewind" and request.reply is not None:
                 self._rewind(request.reply)
+            elif request.kind == "unpause" and not self._want_paused:
+                assigned = [tp for tp in request.partitions if tp in self._assigned]
+                if assigned:
+                    self._consumer.resume([TopicPartition(t, p) for t, p in assigned])
         if to_store:
             self._consumer.store_offsets(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in to_store.items()]
@@ -335,6 +339,10 @@ class KafkaSource:
         if self._want_paused:
             # Assigned after a pause request: pause once librdkafka has assigned them.
             self._requests.put(_Request("pause"))
+        else:
+            # librdkafka keeps a partition's paused flag across assignments: one paused
+            # here before it was revoked or lost would come back paused, and stay so.
+            self._requests.put(_Request("unpause", partitions=tuple(assigned)))
         log.info("partitions assigned", extra={"partitions": _fmt(assigned)})
         self._call_soon(self._handler.on_assigned, assigned)
 

@@ -115,9 +115,9 @@ class EventFlow:
 
         for i in range(self.count):
             if self.rate is not None:
-                # Pacing the producer, not synchronising with the service.
-                lag = self.started_at + i / self.rate - time.monotonic()
-                if lag > 0:
+                # Pacing the producer, not synchronising with the service (poll returns
+                # early when it serves a delivery report, hence the loop).
+                while (lag := self.started_at + i / self.rate - time.monotonic()) > 0:
                     self._producer.poll(lag)
             key = self._keys[i % len(self._keys)]
             event = make_event(self._urls[i % len(self._urls)], listing_id=key)
