@@ -86,6 +86,8 @@ class Batcher:
         self._max_batch_size = model.max_batch_size
         self._max_wait_s = settings.max_batch_wait_ms / 1000.0
         self._metrics = metrics
+        self._queue_latency = metrics.stage_latency.labels(stage="queue")
+        self._infer_latency = metrics.stage_latency.labels(stage="infer")
         self._queue: asyncio.Queue[_Pending | _Close] = asyncio.Queue(
             maxsize=queue_size or model.max_batch_size * settings.max_inflight_batches
         )
@@ -237,8 +239,8 @@ class Batcher:
             self._metrics.batch_size.observe(len(live))
             for index, pending in enumerate(live):
                 queue_s = started - pending.submitted_at
-                self._metrics.stage_latency.labels(stage="queue").observe(queue_s)
-                self._metrics.stage_latency.labels(stage="infer").observe(infer_s)
+                self._queue_latency.observe(queue_s)
+                self._infer_latency.observe(infer_s)
                 if not pending.future.done():
                     pending.future.set_result(
                         BatchResult(probabilities[index], queue_s, infer_s, len(live))

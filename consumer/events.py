@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Annotated, Any, Final, Generic, TypeVar
+from typing import Annotated, Any, Final, Generic, TypedDict, TypeVar
 from uuid import UUID
 
 import httpx
@@ -114,12 +114,13 @@ _MAX_DETAIL = 300
 # --------------------------------------------------------------------------- models
 
 
-def _utc_millis(value: datetime) -> datetime:
+def utc_millis(value: datetime) -> datetime:
+    """`value` in UTC, truncated to milliseconds (what `timestamp-millis` keeps)."""
     value = value.astimezone(UTC)
     return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
 
 
-UtcMillis = Annotated[AwareDatetime, AfterValidator(_utc_millis)]
+UtcMillis = Annotated[AwareDatetime, AfterValidator(utc_millis)]
 """An aware datetime, converted to UTC and truncated to milliseconds (`timestamp-millis`)."""
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -204,6 +205,41 @@ class CategorySuggestion(_Record):
         if self.confident != (self.score >= self.confidence_threshold):
             raise ValueError("confident must equal score >= confidence_threshold")
         return self
+
+
+class ScoreRecord(TypedDict):
+    category: str
+    score: float
+
+
+class TimingsRecord(TypedDict):
+    fetch_ms: float
+    preprocess_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class SuggestionRecord(TypedDict):
+    """A suggestion as the Avro writer takes it: the shape of `CategorySuggestion.model_dump()`.
+
+    For the service's hot path, where validating a suggestion cost more than building it:
+    `EventCodec.encode_suggestion_record` writes it without the model's checks, so build
+    one only from values that keep the contract (see `CategorySuggestion`).
+    """
+
+    event_id: UUID
+    source_event_id: UUID
+    listing_id: str
+    image_id: str
+    category: str
+    score: float
+    scores: list[ScoreRecord]
+    confident: bool
+    confidence_threshold: float
+    model_name: str
+    model_version: str
+    timings: TimingsRecord
+    produced_at: datetime
 
 
 class DlqInfo(_Record):
@@ -473,7 +509,10 @@ class _Contract(Generic[_M]):
     def encode(self, event: _M) -> bytes:
         if not isinstance(event, self.model):
             raise TypeError(f"expected {self.model.__name__}, got {type(event).__name__}")
-        record = event.model_dump()
+        return self.encode_record(event.model_dump())
+
+    def encode_record(self, record: Mapping[str, Any]) -> bytes:
+        """Write a record in the shape of `model_dump()`, unvalidated."""
         if self.serializer is None:
             buffer = io.BytesIO()
             buffer.write(self.header)
@@ -693,6 +732,14 @@ class EventCodec:
     def encode_suggestion(self, event: CategorySuggestion) -> bytes:
         """Kafka value bytes for a category-suggestion event. Raises `RegistryError`."""
         return self._suggestion.encode(event)
+
+    def encode_suggestion_record(self, record: SuggestionRecord) -> bytes:
+        """Kafka value bytes for a suggestion given as a record, written unvalidated.
+
+        The same bytes as `encode_suggestion` of the equivalent model, without its cost
+        (see `SuggestionRecord`). Raises `RegistryError`.
+        """
+        return self._suggestion.encode_record(record)
 
     def decode_suggestion(self, data: bytes | bytearray | memoryview | None) -> CategorySuggestion:
         """The event in a category-suggestion value.

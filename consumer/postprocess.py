@@ -6,13 +6,13 @@ class and its score sorted by score descending (ties keep the model's class orde
 category and score, and `confident = score >= threshold`. Pure: no I/O, no state.
 
 Raises `ModelContractError` when the row does not fit the contract (not one dimension, a
-length other than the number of labels, or a NaN or infinite value): the served model is at
-fault, not the event.
+length other than the number of labels, or a value outside [0, 1], NaN included): the
+served model is at fault, not the event. So a `Prediction` always makes a suggestion that
+keeps the schema's contract (the service builds it without validating it again).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,8 +59,8 @@ def postprocess(
         raise ModelContractError("the model has no classes")
     # Plain Python beats numpy's per-call overhead on a row of a handful of classes.
     values = probabilities.tolist()
-    if not all(math.isfinite(v) for v in values):
-        raise ModelContractError(f"the model returned non-finite scores: {values}")
+    if not all(0.0 <= v <= 1.0 for v in values):  # NaN fails every comparison
+        raise ModelContractError(f"the model returned scores outside [0, 1]: {values}")
     # sorted() is stable: equal scores keep the model's class order, so the same row always
     # yields the same ranking.
     order = sorted(range(len(values)), key=values.__getitem__, reverse=True)

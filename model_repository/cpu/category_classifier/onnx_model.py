@@ -48,6 +48,10 @@ class TritonPythonModel:
         # One graph, run sequentially: inter-op threads would only compete with intra-op ones.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # No busy-waiting between runs: the intra-op threads would otherwise spin on cores
+        # that the consumer's event loop and decode threads need (on this CPU repository
+        # they share the machine), which at low load costs latency rather than saving it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model_file = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self._session = ort.InferenceSession(
             str(model_file), sess_options=options, providers=["CPUExecutionProvider"]

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 import httpx
@@ -727,3 +727,15 @@ def test_broken_dlq_headers_raise_event_decode_error(broken: dict[str, bytes | N
     assert caught.value.reason == events.REASON_DLQ_HEADERS_INVALID
     with pytest.raises(EventDecodeError):
         events.parse_dlq_headers(None)
+
+
+@pytest.mark.parametrize("which", ["codec", "registry_codec"])
+def test_a_suggestion_record_encodes_to_the_same_bytes_as_its_model(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    # The service's hot path writes plain records; they must be the model's bytes exactly.
+    codec: EventCodec = request.getfixturevalue(which)
+    model = suggestion()
+    record = cast(events.SuggestionRecord, model.model_dump())
+    assert codec.encode_suggestion_record(record) == codec.encode_suggestion(model)
+    assert codec.decode_suggestion(codec.encode_suggestion_record(record)) == model

@@ -52,11 +52,11 @@ def test_a_class_count_other_than_the_labels_is_refused() -> None:
         postprocess(np.full(4, 0.25, dtype=np.float32), LABELS, threshold=0.5)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_scores_are_refused(bad: float) -> None:
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1.0001, -0.0001])
+def test_scores_outside_the_unit_interval_are_refused(bad: float) -> None:
     row = np.array([0.2, bad, 0.2, 0.2, 0.2], dtype=np.float32)
 
-    with pytest.raises(ModelContractError, match="non-finite"):
+    with pytest.raises(ModelContractError, match=r"outside \[0, 1\]"):
         postprocess(row, LABELS, threshold=0.5)
 
 

@@ -363,3 +363,42 @@ async def test_decoder_uses_the_pixel_limit_from_settings() -> None:
         with Decoder(settings) as decoder, pytest.raises(ImageDecodeError) as caught:
             await decoder.decode(encode(image, fmt), SIZE)
         assert caught.value.reason == "image_too_large"
+
+
+async def test_decoder_gives_each_caller_its_own_image() -> None:
+    # Results come back to the loop in groups; each must still reach its own caller.
+    shades = list(range(0, 256, 8))
+    images = [
+        encode(Image.new("RGB", (64, 48), (shade, 0, 255 - shade)), "PNG") for shade in shades
+    ]
+    with Decoder(DecodeSettings(threads=3)) as decoder:
+        results = await asyncio.gather(*(decoder.decode(data, SIZE) for data in images))
+    for shade, (array, _) in zip(shades, results, strict=True):
+        assert tuple(array[SIZE // 2, SIZE // 2]) == (shade, 0, 255 - shade)
+
+
+async def test_decoder_survives_a_caller_that_gave_up() -> None:
+    data = encode(Image.new("RGB", (640, 480), RED), "PNG")
+    with Decoder(DecodeSettings(threads=1)) as decoder:
+        abandoned = [asyncio.ensure_future(decoder.decode(data, SIZE)) for _ in range(8)]
+        await asyncio.sleep(0)  # let them queue
+        for task in abandoned:
+            task.cancel()
+        await asyncio.gather(*abandoned, return_exceptions=True)
+        array, _ = await decoder.decode(data, SIZE)
+    assert tuple(array[0, 0]) == RED
+
+
+async def test_decoder_close_cancels_queued_decodes() -> None:
+    data = encode(Image.new("RGB", (1600, 1200), RED), "PNG")
+    decoder = Decoder(DecodeSettings(threads=1))
+    queued = [asyncio.ensure_future(decoder.decode(data, SIZE)) for _ in range(20)]
+    await asyncio.sleep(0)
+    decoder.close()
+    outcomes = await asyncio.gather(*queued, return_exceptions=True)
+    cancelled = [o for o in outcomes if isinstance(o, asyncio.CancelledError)]
+    decoded = [o for o in outcomes if isinstance(o, tuple)]
+    assert len(cancelled) + len(decoded) == len(queued)
+    assert cancelled, "queued decodes should be dropped at close"
+    with pytest.raises(RuntimeError, match="closed"):
+        await decoder.decode(data, SIZE)
