@@ -228,13 +228,22 @@ class PacedProducer:
 
 @dataclass
 class Answer:
+    """One answer: its broker append time and when the reader received it (both ms)."""
+
     key: bytes
     topic: str
     append_ms: int
+    received_ms: int
 
 
 class AnswerReader:
-    """Reads the output and DLQ topics from the beginning on a thread; counts by key."""
+    """Reads the output and DLQ topics from the beginning on a thread; counts by key.
+
+    Reads committed records only, as downstream services must: with exactly-once delivery
+    an answer counts from the commit of its transaction (records of aborted transactions
+    are never seen). `Answer.received_ms` is when this reader got it: the time it became
+    visible, within the reader's fetch wait (10 ms).
+    """
 
     def __init__(self, bootstrap: str, topics: RunTopics) -> None:
         self._topics = topics
@@ -246,6 +255,7 @@ class AnswerReader:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "fetch.wait.max.ms": 10,
+                "isolation.level": "read_committed",
             }
         )
         self.first: dict[bytes, Answer] = {}
@@ -273,6 +283,7 @@ class AnswerReader:
                 good = [m for m in messages if m.error() is None]
                 if not good:
                     continue
+                received_ms = int(time.time() * 1000)
                 with self._changed:
                     for message in good:
                         key = message.key() or b""
@@ -284,7 +295,9 @@ class AnswerReader:
                         if key in self.first:
                             self.duplicates += 1
                         else:
-                            self.first[key] = Answer(key, topic, message.timestamp()[1])
+                            self.first[key] = Answer(
+                                key, topic, message.timestamp()[1], received_ms
+                            )
                     self._changed.notify_all()
         finally:
             self._consumer.close()

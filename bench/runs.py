@@ -9,7 +9,9 @@ Two shapes of load:
 - `paced`: the consumer is started and ready, then events are produced at a fixed rate
   for a duration. End-to-end latency of each event is the broker append time of its
   answer minus that of the event; events produced during the first `warmup_s` are left
-  out of the percentiles (connection set-up, first batches).
+  out of the percentiles (connection set-up, first batches). With exactly-once delivery
+  an answer counts from when the (read_committed) reader received it instead: appended
+  inside a transaction, it is visible only once that commits.
 
 Both read everything from Kafka (answers counted by key on the output and DLQ topics) and
 from /proc (CPU, RSS); nothing comes from the service's own metrics.
@@ -27,6 +29,7 @@ from typing import Any
 
 from bench import procstat
 from bench.kafkaio import (
+    Answer,
     AnswerReader,
     EventSource,
     PacedProducer,
@@ -86,6 +89,19 @@ class RunContext:
     run_dir: Path
     progress: Progress = print
     py_spy: bool = False
+
+    @property
+    def exactly_once(self) -> bool:
+        """Whether the service runs with exactly-once delivery (`--service-env`)."""
+        return self.service_overrides.get("SUGGESTER_DELIVERY") == "exactly_once"
+
+    def answered_ms(self, consumer_kind: str) -> Callable[[Answer], int]:
+        """When an answer counts: its broker append time; for the exactly-once service, when
+        the reader received it (a record appended in an open transaction is not visible to
+        a read_committed reader until the transaction commits)."""
+        if consumer_kind == "service" and self.exactly_once:
+            return lambda answer: answer.received_ms
+        return lambda answer: answer.append_ms
 
 
 class _Consumer:
@@ -240,7 +256,7 @@ def run_backlog(
         sampler.stop()
         reader.stop()
     counts = _triton_counts(ctx) - counts_before
-    answers = sorted(a.append_ms for a in reader.first.values())
+    answers = sorted(map(ctx.answered_ms(consumer_kind), reader.first.values()))
     result = _result(
         name, consumer_kind, "backlog", events, reader, answers, sampler, counts, log_path
     )
@@ -349,7 +365,16 @@ def run_paced(
     counts = _triton_counts(ctx) - counts_before
     produced = producer.produced
     result = _paced_result(
-        name, consumer_kind, total, reader, produced, sampler, counts, log_path, warmup_s
+        name,
+        consumer_kind,
+        total,
+        reader,
+        produced,
+        sampler,
+        counts,
+        log_path,
+        warmup_s,
+        answered_ms=ctx.answered_ms(consumer_kind),
     )
     result.rate_target = rate
     if not produced.log_append_time:
@@ -375,10 +400,12 @@ def _paced_result(
     counts: InferenceCounts,
     log_path: Path,
     warmup_s: float,
+    *,
+    answered_ms: Callable[[Answer], int],
 ) -> RunResult:
     answers = reader.first
     sent = produced.append_ms
-    answer_ms = sorted(a.append_ms for a in answers.values())
+    answer_ms = sorted(map(answered_ms, answers.values()))
     if not sent or not answer_ms:
         return _result(
             name, consumer_kind, "paced", total, reader, answer_ms, sampler, counts, log_path
@@ -399,7 +426,7 @@ def _paced_result(
     )
     cutoff = first_sent + warmup_s * 1000
     latencies = [
-        float(answer.append_ms - sent[key])
+        float(answered_ms(answer) - sent[key])
         for key, answer in answers.items()
         if key in sent and sent[key] >= cutoff
     ]
