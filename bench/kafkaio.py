@@ -261,7 +261,8 @@ class AnswerReader:
         self.first: dict[bytes, Answer] = {}
         self.duplicates = 0
         self.dead_letters = 0
-        self.samples: list[bytes] = []
+        # Values of the first suggestion of each key: the service's own stage timings.
+        self.suggestions: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stop = threading.Event()
@@ -290,8 +291,8 @@ class AnswerReader:
                         topic = message.topic() or ""
                         if topic == self._topics.dlq:
                             self.dead_letters += 1
-                        elif len(self.samples) < 20:
-                            self.samples.append(message.value() or b"")
+                        elif key not in self.suggestions:
+                            self.suggestions[key] = message.value() or b""
                         if key in self.first:
                             self.duplicates += 1
                         else:

@@ -250,6 +250,24 @@ def markdown(
             f"({ceiling['decode']['cpu_ms_per_image']:.2f} CPU ms/image). "
             f"Combined bound {ceiling['bound_formula']} = {ceiling['bound']:.1f}/s.\n",
         ]
+    staged = [r for r in runs if r.stages_ms]
+    if staged:
+        rows = "\n".join(
+            f"| {r.name} | {stage} | {_fmt(p.get('p50'), 0)} | {_fmt(p.get('p95'), 0)} "
+            f"| {_fmt(p.get('p99'), 0)} | {_fmt(p.get('max'), 0)} |"
+            for r in staged
+            for stage, p in r.stages_ms.items()
+        )
+        parts += [
+            "\n## Where the latency went (paced runs, the suggestions' own stage timings)\n",
+            "fetch, decode and inference (batch queue and Triton) as each suggestion reports "
+            "them; rest = measured end-to-end latency minus those (Kafka delivery of the "
+            "event, waits for a fetch or decode slot, publishing). Each column is a "
+            "percentile of its own stage, so the rows do not add up.\n",
+            "| run | stage | p50 ms | p95 ms | p99 ms | max ms |\n|---|---|---:|---:|---:|---:|\n"
+            + rows
+            + "\n",
+        ]
     pieces = report.get("overhead_parts_cpu_us")
     if pieces:
         fetch = ", ".join(

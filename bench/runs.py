@@ -43,6 +43,7 @@ from bench.origin import percentiles
 from bench.pyspy import PySpy, render, summarise
 from bench.stack import REPO_ROOT, BenchStack, ServiceProcess, TritonEndpoint
 from bench.tritonstats import InferenceCounts, inference_counts
+from consumer.events import EventCodec
 from devstack.process import StackError
 
 Progress = Callable[[str], None]
@@ -62,6 +63,8 @@ class RunResult:
     window_s: float
     events_per_s: float
     latency_ms: dict[str, float] = field(default_factory=dict)
+    # Paced runs: percentiles per stage from the suggestions' own timings (see stage_split).
+    stages_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     cpu_ms_per_event: dict[str, float] = field(default_factory=dict)
     consumer_peak_rss_mb: float = 0.0
     triton_batch_size: float = 0.0
@@ -390,6 +393,29 @@ def run_paced(
     return result
 
 
+_STAGES = ("fetch", "decode", "inference", "rest")
+
+
+def stage_split(answers: Mapping[bytes, tuple[float, bytes]]) -> dict[str, dict[str, float]]:
+    """Where the latency of suggested events went: percentiles per stage.
+
+    `answers` maps each key to (end-to-end latency ms as measured, suggestion value). The
+    stages are the service's own timings carried in each suggestion: fetch (retries
+    included), decode, inference (batch queue and Triton); `rest` is the measured latency
+    minus those three: Kafka delivery of the event, waits for a fetch or decode slot, and
+    publishing. A diagnosis, not a measurement the targets use.
+    """
+    codec = EventCodec()
+    split: dict[str, list[float]] = {stage: [] for stage in _STAGES}
+    for latency, value in answers.values():
+        timings = codec.decode_suggestion(value).timings
+        parts = (timings.fetch_ms, timings.preprocess_ms, timings.inference_ms)
+        for stage, ms in zip(_STAGES, parts, strict=False):
+            split[stage].append(ms)
+        split["rest"].append(latency - sum(parts))
+    return {stage: percentiles(values) for stage, values in split.items()}
+
+
 def _paced_result(
     name: str,
     consumer_kind: str,
@@ -431,6 +457,14 @@ def _paced_result(
         if key in sent and sent[key] >= cutoff
     ]
     result.latency_ms = percentiles(latencies)
+    if consumer_kind == "service":
+        result.stages_ms = stage_split(
+            {
+                key: (float(answered_ms(answer) - sent[key]), reader.suggestions[key])
+                for key, answer in answers.items()
+                if key in sent and sent[key] >= cutoff and key in reader.suggestions
+            }
+        )
     minute_counts: dict[int, int] = {}
     for stamp in answer_ms:
         minute = int((stamp - first_sent) // 60_000)

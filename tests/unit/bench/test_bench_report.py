@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,9 @@ from bench.ceiling import combined_bound
 from bench.origin import percentiles
 from bench.pyspy import summarise
 from bench.report import evaluate, rss_trend_mb
-from bench.runs import RunResult
+from bench.runs import RunResult, stage_split
 from bench.tritonstats import parse
+from consumer.events import CategoryScore, CategorySuggestion, EventCodec, StageTimings
 
 
 def run(name: str, events_per_s: float, **fields: object) -> RunResult:
@@ -144,3 +147,36 @@ def test_py_spy_summary_shares(tmp_path: Path) -> None:
     assert summary["samples"] == 40
     assert summary["self"][0] == ("fetch (consumer/fetch.py)", 75.0)
     assert ("main (app.py)", 100.0) in summary["inclusive"]
+
+
+def test_stage_split_takes_the_stages_from_the_suggestions_and_leaves_the_rest() -> None:
+    codec = EventCodec()
+    base = CategorySuggestion(
+        event_id=uuid.uuid4(),
+        source_event_id=uuid.uuid4(),
+        listing_id="l",
+        image_id="i",
+        category="a",
+        score=0.9,
+        scores=(CategoryScore(category="a", score=0.9),),
+        confident=True,
+        confidence_threshold=0.5,
+        model_name="m",
+        model_version="1",
+        timings=StageTimings(fetch_ms=0, preprocess_ms=0, inference_ms=0, total_ms=0),
+        produced_at=datetime.now(UTC),
+    )
+    answers = {}
+    for i in range(1, 101):
+        timings = StageTimings(fetch_ms=40 + i, preprocess_ms=5, inference_ms=2 * i, total_ms=0)
+        value = codec.encode_suggestion(base.model_copy(update={"timings": timings}))
+        answers[f"k{i}".encode()] = (float(100 + 3 * i), value)
+
+    split = stage_split(answers)
+
+    assert split["fetch"]["p50"] == 90
+    assert split["fetch"]["max"] == 140
+    assert split["decode"]["p99"] == 5
+    assert split["inference"]["p99"] == 198
+    # rest = 100 + 3i - (45 + i + 2i) = 55 for every event
+    assert split["rest"]["p50"] == split["rest"]["max"] == 55
