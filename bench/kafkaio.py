@@ -280,7 +280,11 @@ class AnswerReader:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                messages = self._consumer.consume(num_messages=1000, timeout=0.05)
+                # One message first, then what else is there: a batch consume waits for
+                # its whole batch or its timeout, which would delay what it returns.
+                messages = self._consumer.consume(num_messages=1, timeout=0.05)
+                if messages:
+                    messages += self._consumer.consume(num_messages=999, timeout=0)
                 good = [m for m in messages if m.error() is None]
                 if not good:
                     continue

@@ -24,6 +24,7 @@ and a transaction carrying a stale one is refused by the broker, which fences zo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -226,10 +227,7 @@ class KafkaSource:
                 # While draining every partition is paused, but polling goes on: it serves
                 # rebalance callbacks, and anything already fetched is still handed over
                 # (dropping a message would let a later offset be committed past it).
-                messages = self._consumer.consume(
-                    num_messages=self._settings.consumer.poll_batch,
-                    timeout=self.POLL_TIMEOUT_S,
-                )
+                messages = self._poll()
                 self._metrics.last_poll.set_to_current_time()
                 self._refresh_group_metadata()
                 good = [m for m in messages if not self._is_error(m)]
@@ -244,6 +242,19 @@ class KafkaSource:
         finally:
             self._consumer.close()
             self._call_soon(lambda: None)
+
+    def _poll(self) -> list[Message]:
+        """Wait up to POLL_TIMEOUT_S for a message, then take what else is already there.
+
+        librdkafka's batch consume waits until it has the whole batch or the timeout ran
+        out: asking for poll_batch messages at once held every event of a stream slower
+        than poll_batch per POLL_TIMEOUT_S for up to 100 ms (50 ms on average).
+        """
+        messages = self._consumer.consume(num_messages=1, timeout=self.POLL_TIMEOUT_S)
+        more = self._settings.consumer.poll_batch - len(messages)
+        if messages and more > 0:
+            messages += self._consumer.consume(num_messages=more, timeout=0)
+        return messages
 
     def _is_error(self, message: Message) -> bool:
         error = message.error()
@@ -326,7 +337,7 @@ class KafkaSource:
 
     def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
-        if not self._loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens
             self._loop.call_soon_threadsafe(fn, *args)
 
     # -- rebalance callbacks (on the consumer thread, inside consume()) ------------------

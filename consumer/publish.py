@@ -21,6 +21,7 @@ stop). Every producer call runs on one thread of its own, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -134,8 +135,9 @@ class Publisher:
     def _hand_over_reports(self) -> None:
         with self._reports_lock:
             reports, self._reports = self._reports, []
-        if reports and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_settle_all, reports)
+        if reports and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                self._loop.call_soon_threadsafe(_settle_all, reports)
 
 
 def _settle_all(reports: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
@@ -291,9 +293,13 @@ class _Lane:
             try:
                 result = call.fn(*call.args)
             except Exception as exc:  # noqa: BLE001  (relayed to the caller, as an executor does)
-                call.loop.call_soon_threadsafe(_settle_call, call.future, None, exc)
+                outcome: tuple[Any, Exception | None] = (None, exc)
             else:
-                call.loop.call_soon_threadsafe(_settle_call, call.future, result, None)
+                outcome = (result, None)
+            # A call given up on (the watchdog) can return after its loop closed: nobody
+            # waits for it any more.
+            with contextlib.suppress(RuntimeError):
+                call.loop.call_soon_threadsafe(_settle_call, call.future, *outcome)
 
 
 @dataclass(frozen=True)
