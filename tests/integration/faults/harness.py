@@ -17,14 +17,18 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
     ConsumerGroupTopicPartitions,
     IsolationLevel,
     KafkaException,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -225,6 +229,8 @@ class LedgerWatch:
     """The ledger of one test's topics, polled until a condition holds."""
 
     def __init__(self, bootstrap: str, topics: Topics) -> None:
+        self._bootstrap = bootstrap
+        self._topics = topics
         self._ledger = Ledger(
             {"bootstrap.servers": bootstrap},
             input_topic=topics.input,
@@ -240,6 +246,17 @@ class LedgerWatch:
         """Read everything committed so far; fail if the end cannot be reached in time."""
         assert self._ledger.refresh(timeout_s), f"the ledger is behind: {self._ledger.behind}"
         return self._ledger.totals()
+
+    def final_totals(self, timeout_s: float = 60) -> LedgerTotals:
+        """The totals once nothing moves any more (flows done, services stopped), checked
+        against a second count made independently (by event id, `count_by_event_id`): the
+        two must agree on what was lost and duplicated."""
+        totals = self.totals(timeout_s)
+        lost, extra = count_by_event_id(self._bootstrap, self._topics, timeout_s)
+        assert (lost, extra) == (totals.lost, totals.extra_answers), (
+            f"independent count: lost={lost} extra answers={extra}; ledger: {totals.line()}"
+        )
+        return totals
 
     def wait(
         self,
@@ -280,6 +297,66 @@ class LedgerWatch:
             timeout_s=timeout_s,
             what=f"{answered} events answered",
         )
+
+
+def count_by_event_id(bootstrap: str, topics: Topics, timeout_s: float) -> tuple[int, int]:
+    """(lost, extra answers) counted apart from consumer.ledger, for a cross-check.
+
+    The ledger matches answers to input positions (partition, offset) and reads DLQ
+    headers; this matches them by event id alone: the ids in the input values, the
+    suggestions' source_event_id and the ids in the DLQ records' values (the fault tests
+    produce only decodable events). An id at n input positions with m answers has
+    max(0, n - m) lost and max(0, m - n) extra. Reads the three topics to their
+    read_committed ends.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    names = (topics.input, topics.output, topics.dlq)
+    described = admin.describe_topics(TopicCollection(list(names)))
+    partitions = [
+        TopicPartition(name, p.id)
+        for name, future in described.items()
+        for p in future.result(timeout_s).partitions
+    ]
+    ends = admin.list_offsets(
+        {tp: OffsetSpec.latest() for tp in partitions},
+        isolation_level=IsolationLevel.READ_COMMITTED,
+        request_timeout=timeout_s,
+    )
+    remaining = {(tp.topic, tp.partition): f.result().offset for tp, f in ends.items()}
+    remaining = {tp: end for tp, end in remaining.items() if end > 0}
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"independent-{topics.group}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    inputs: Counter[str] = Counter()
+    answers: Counter[str] = Counter()
+    reader.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in remaining])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while remaining:
+            assert time.monotonic() < deadline, f"independent count: not at the end {remaining}"
+            for message in reader.consume(num_messages=1000, timeout=0.2):
+                if message.error() is not None:
+                    continue
+                topic, value = message.topic(), message.value() or b""
+                if topic == topics.output:
+                    answers[str(CODEC.decode_suggestion(value).source_event_id)] += 1
+                else:
+                    event_id = str(CODEC.decode_uploaded(value).event_id)
+                    (inputs if topic == topics.input else answers)[event_id] += 1
+            # Aborted records and transaction markers are never delivered: go by position.
+            for tp in reader.position([TopicPartition(t, p) for t, p in remaining]):
+                if tp.offset >= remaining[(tp.topic, tp.partition)]:
+                    del remaining[(tp.topic, tp.partition)]
+    finally:
+        reader.close()
+    lost = sum(max(0, n - answers[event_id]) for event_id, n in inputs.items())
+    extra = sum(max(0, m - inputs[event_id]) for event_id, m in answers.items())
+    return lost, extra
 
 
 @dataclass

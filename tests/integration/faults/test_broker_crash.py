@@ -77,7 +77,7 @@ def test_broker_kill_9_and_restart_loses_nothing(
     )
     recovered_s = time.monotonic() - killed_at
     assert group.terminate_all() == [0, 0], group.logs()
-    totals = watch.totals()
+    totals = watch.final_totals()
     watch.close()
     fault_records.append(
         FaultRecord(

@@ -75,7 +75,7 @@ def test_kill_9_of_consumers_loses_nothing_and_duplicates_at_most_the_window(
         drain_s.append(time.monotonic() - killed_at)
     elapsed = time.monotonic() - started
     assert group.terminate_all() == [0] * plan.consumers
-    totals = watch.totals()
+    totals = watch.final_totals()
     watch.close()
 
     # A crash repeats what the dead process had answered but not yet committed: at most
@@ -141,7 +141,7 @@ def test_rolling_sigterm_restart_of_every_consumer_loses_and_duplicates_nothing(
     watch.answered(events, timeout_s=300, diagnostics=group.logs)
     elapsed = time.monotonic() - started
     assert group.terminate_all() == [0, 0, 0]
-    totals = watch.totals()
+    totals = watch.final_totals()
     watch.close()
     fault_records.append(
         FaultRecord(

@@ -76,7 +76,7 @@ def test_triton_stopped_then_restarted_loses_and_dead_letters_nothing(
     drain_s = time.monotonic() - restarted_at
     assert group.rebalances() == rebalances, group.logs()
     assert group.terminate_all() == [0, 0]
-    totals = watch.totals()
+    totals = watch.final_totals()
     watch.close()
     fault_records.append(
         FaultRecord(
@@ -132,7 +132,7 @@ def test_slow_triton_keeps_the_stream_moving_and_requests_within_their_deadline(
     watch.answered(events, timeout_s=240, diagnostics=group.logs)
     assert group.rebalances() == rebalances, group.logs()
     assert group.terminate_all() == [0, 0]
-    totals = watch.totals()
+    totals = watch.final_totals()
     watch.close()
     fault_records.append(
         FaultRecord(
@@ -182,7 +182,7 @@ def test_slow_loris_endless_and_hanging_origins_hit_the_fetch_deadline_not_the_s
     )
     assert service.terminate() == 0
     watch = LedgerWatch(kafka.bootstrap_servers, topics)
-    totals = watch.totals()
+    totals = watch.final_totals()
     watch.close()
 
     hostile = {str(e.event_id): e for e in events if hostile_origin.host_port in e.image_url}

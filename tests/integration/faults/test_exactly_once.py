@@ -90,7 +90,7 @@ def test_kill_9_in_exactly_once_mode_duplicates_nothing_for_read_committed_reade
         drain_s.append(time.monotonic() - killed_at)
     elapsed = time.monotonic() - started
     assert group.terminate_all() == [0] * plan.consumers
-    totals = watch.totals()
+    totals = watch.final_totals()
     watch.close()
     fault_records.append(
         FaultRecord(
@@ -185,7 +185,7 @@ def test_cost_of_exactly_once_latency_and_throughput(
     publish_s = group.metric('suggester_stage_latency_seconds_sum{stage="publish"}')
     publish_n = group.metric('suggester_stage_latency_seconds_count{stage="publish"}')
     assert group.terminate_all() == [0]
-    totals = watch.totals()
+    totals = watch.final_totals()
     watch.close()
     fault_records.append(
         FaultRecord(

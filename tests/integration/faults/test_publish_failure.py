@@ -69,7 +69,7 @@ def test_output_topic_deleted_advances_no_offset_and_loses_nothing_once_back(
     watch.answered(200, timeout_s=180, diagnostics=group.logs)
     recovery_s = time.monotonic() - recreated_at
     assert group.terminate_all() == [0]
-    totals = watch.totals()
+    totals = watch.final_totals()
     watch.close()
     fault_records.append(
         FaultRecord(
