@@ -483,7 +483,12 @@ class Pipeline:
     async def _answer(self, message: Message, epoch: int) -> None:
         watch = _Stopwatch()
         try:
-            event = self._codec.decode_uploaded(message.value() or b"")
+            value = message.value() or b""
+            if self._codec.needs_registry(value):
+                # The first event of a schema id asks the registry over HTTP: not on the loop.
+                event = await asyncio.to_thread(self._codec.decode_uploaded, value)
+            else:
+                event = self._codec.decode_uploaded(value)
             # Fetching outruns decoding: without this bound, fetched bytes would pile up in
             # memory in front of the decode threads (each up to fetch.max_bytes).
             async with self._image_slots:

@@ -503,6 +503,8 @@ class _Contract(Generic[_M]):
                 },
             )
         self.context = SerializationContext(topic, MessageField.VALUE)
+        # Schema ids whose writer schema the registry client holds already.
+        self.known_ids: set[int] = set()
 
     # encode
 
@@ -612,6 +614,7 @@ class _Contract(Generic[_M]):
         # registry fault is told apart from an unknown id and from a bad body.
         try:
             self.registry.get_schema(schema_id)
+            self.known_ids.add(schema_id)
         except ClientRegistryError as exc:
             if exc.http_status_code == 404:
                 raise EventDecodeError(
@@ -721,6 +724,19 @@ class EventCodec:
     def encode_uploaded(self, event: ListingImageUploaded) -> bytes:
         """Kafka value bytes for a listing-image-uploaded event. Raises `RegistryError`."""
         return self._uploaded.encode(event)
+
+    def needs_registry(self, data: bytes | None) -> bool:
+        """Whether decoding this listing-image-uploaded value may call the registry (a
+        Confluent-framed value whose schema id was not looked up yet): a blocking HTTP
+        call, which the service makes off its event loop."""
+        contract = self._uploaded
+        return (
+            contract.registry is not None
+            and data is not None
+            and len(data) >= 5
+            and data[0] == CONFLUENT_MAGIC
+            and int.from_bytes(data[1:5], "big") not in contract.known_ids
+        )
 
     def decode_uploaded(self, data: bytes | bytearray | memoryview | None) -> ListingImageUploaded:
         """The event in a listing-image-uploaded value.

@@ -413,6 +413,21 @@ def test_registry_round_trip(registry: SchemaRegistryClient, registry_codec: Eve
     )
 
 
+def test_only_a_schema_id_not_yet_looked_up_needs_the_registry(
+    registry_codec: EventCodec, codec: EventCodec
+) -> None:
+    data = registry_codec.encode_uploaded(uploaded())
+    assert registry_codec.needs_registry(data)
+    registry_codec.decode_uploaded(data)
+    assert not registry_codec.needs_registry(data)
+    forged = b"\x00" + (4242).to_bytes(4, "big") + data[5:]
+    assert registry_codec.needs_registry(forged)  # an unknown id is asked about every time
+    single_object = codec.encode_uploaded(uploaded())
+    assert not registry_codec.needs_registry(single_object)
+    assert not codec.needs_registry(data)  # no registry: nothing to ask
+    assert not registry_codec.needs_registry(b"\x00\x01")
+
+
 def test_registry_codec_still_reads_single_object(registry_codec: EventCodec) -> None:
     data = EventCodec().encode_uploaded(uploaded())
     assert registry_codec.decode_uploaded(data) == uploaded()
