@@ -27,15 +27,17 @@ Delivery modes (settings.delivery):
   by a newer process stops the service. Buffered answers count as in flight for
   back-pressure.
 
-Back-pressure: when `consumer.max_inflight` events are in flight every partition is
-paused (polling goes on, so the group does not evict us); they resume at
-`consumer.resume_inflight`. Each step bounds its own concurrency as well.
+Back-pressure: the source hands over at most `consumer.max_inflight` messages that have
+not left the window (`_done` releases them); at that mark it pauses every partition
+(polling goes on, so the group does not evict us) and resumes them at
+`consumer.resume_inflight` (consume.py). Each step bounds its own concurrency as well.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -157,12 +159,11 @@ class Pipeline:
         self._confident = metrics.suggestions.labels(confident="true")
         self._not_confident = metrics.suggestions.labels(confident="false")
         self._tracker = OffsetTracker()
-        self._tasks: dict[Partition, set[asyncio.Task[None]]] = defaultdict(set)
+        self._tasks: dict[Partition, set[asyncio.Task[bool]]] = defaultdict(set)
         # Bumped whenever a partition's work is abandoned (revoked, lost, assigned anew,
         # rewound): a task from an older epoch finishes without touching offsets or answers.
         self._epochs: dict[Partition, int] = defaultdict(int)
         self._inflight = 0
-        self._paused = False
         self._idle = asyncio.Event()
         self._idle.set()
         self.source: KafkaSource | None = None
@@ -177,20 +178,20 @@ class Pipeline:
             # partition's next owner reads them; processing them instead could publish
             # answers after the final offsets were taken, duplicating them. Rewinding
             # (exactly-once): they were read before the seek and are read again after it.
+            if self.source is not None:
+                self.source.release(len(messages))
             return
         for message in messages:
             tp = (message.topic() or "", message.partition() or 0)
             offset = message.offset() or 0
             self._tracker.track(tp, offset)
-            task = asyncio.create_task(self._process(tp, offset, message, self._epochs[tp]))
+            epoch = self._epochs[tp]
+            task = asyncio.create_task(self._process(tp, offset, message, epoch))
+            task.add_done_callback(functools.partial(self._settle, tp, offset, epoch))
             self._tasks[tp].add(task)
         self._inflight += len(messages)
         self._metrics.inflight.set(self._inflight)
         self._idle.clear()
-        if self._inflight >= self._settings.consumer.max_inflight and not self._paused:
-            self._paused = True
-            assert self.source is not None
-            self.source.pause_all()
 
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         for tp in partitions:
@@ -271,13 +272,11 @@ class Pipeline:
             self._done(len(dropped))
 
     def _done(self, count: int) -> None:
-        """`count` events left the in-flight window: resume and report idle as due."""
+        """`count` events left the in-flight window: tell the source, report idle as due."""
         self._inflight -= count
         self._metrics.inflight.set(self._inflight)
-        if self._paused and self._inflight <= self._settings.consumer.resume_inflight:
-            self._paused = False
-            if self.source is not None:
-                self.source.resume_all()
+        if self.source is not None:
+            self.source.release(count)
         if self._inflight == 0:
             self._idle.set()
 
@@ -439,46 +438,61 @@ class Pipeline:
 
     # -- one event -----------------------------------------------------------------------
 
-    async def _process(self, tp: Partition, offset: int, message: Message, epoch: int) -> None:
-        answered = False
+    async def _process(self, tp: Partition, offset: int, message: Message, epoch: int) -> bool:
+        """Answer one event; False when it is left for redelivery (`_settle` books it)."""
         delay = self._settings.triton.retry_backoff_base_s
-        try:
-            while not answered:
-                try:
-                    await self._answer(message, epoch)
-                    answered = True
-                except InfrastructureError as exc:
-                    # A dependency is down: the event is not at fault. Try it again until
-                    # shutdown gives up, then leave its offset unstored for redelivery.
-                    # A fault that retrying cannot mend (the model broke its contract)
-                    # stops the service instead.
-                    if not exc.retryable:
-                        log.error("fatal error; stopping", extra={"error": exc.message})
-                        self._on_fatal(exc)
-                    if self._stop.is_set() or not exc.retryable:
-                        log.warning(
-                            "event left for redelivery",
-                            extra={"partition": tp[1], "offset": offset, "error": exc.message},
-                        )
-                        return
-                    self._metrics.retries.labels(stage=exc.stage).inc()
-                    await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                    delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
-        finally:
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.get(tp, set()).discard(task)
-            current = self._epochs[tp] == epoch
-            if answered and current:
-                committable = self._tracker.finish(tp, offset)
-                if self._transactions is not None:
-                    if committable is not None:
-                        self._commit_wanted.set()
-                elif committable is not None and self.source is not None:
-                    self.source.store({tp: committable})
-            if not (answered and current and self._transactions is not None):
-                # Exactly-once: a kept answer stays in flight until its transaction commits.
-                self._done(1)
+        while True:
+            try:
+                await self._answer(message, epoch)
+                return True
+            except InfrastructureError as exc:
+                # A dependency is down: the event is not at fault. Try it again until
+                # shutdown gives up, then leave its offset unstored for redelivery.
+                # A fault that retrying cannot mend (the model broke its contract)
+                # stops the service instead.
+                if not exc.retryable:
+                    log.error("fatal error; stopping", extra={"error": exc.message})
+                    self._on_fatal(exc)
+                if self._stop.is_set() or not exc.retryable:
+                    log.warning(
+                        "event left for redelivery",
+                        extra={"partition": tp[1], "offset": offset, "error": exc.message},
+                    )
+                    return False
+                self._metrics.retries.labels(stage=exc.stage).inc()
+                await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
+                delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+
+    def _settle(self, tp: Partition, offset: int, epoch: int, task: asyncio.Task[bool]) -> None:
+        """Book a finished `_process` task: offsets, and the in-flight window.
+
+        A done callback rather than a `finally` in `_process`: a task cancelled before it
+        ever ran (its partition abandoned in the loop iteration that created it) runs no
+        code of its own, and would otherwise stay in flight for good.
+        """
+        self._tasks.get(tp, set()).discard(task)
+        answered = False
+        if not task.cancelled():
+            error = task.exception()
+            if error is not None:
+                log.error(
+                    "event processing failed",
+                    extra={"partition": tp[1], "offset": offset, "error": repr(error)},
+                    exc_info=error,
+                )
+            else:
+                answered = task.result()
+        current = self._epochs[tp] == epoch
+        if answered and current:
+            committable = self._tracker.finish(tp, offset)
+            if self._transactions is not None:
+                if committable is not None:
+                    self._commit_wanted.set()
+            elif committable is not None and self.source is not None:
+                self.source.store({tp: committable})
+        if not (answered and current and self._transactions is not None):
+            # Exactly-once: a kept answer stays in flight until its transaction commits.
+            self._done(1)
 
     async def _answer(self, message: Message, epoch: int) -> None:
         watch = _Stopwatch()

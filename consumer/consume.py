@@ -2,7 +2,15 @@
 
 Takes: KafkaSettings and a `PartitionHandler` (the app) that receives messages and
 rebalance news on the event loop. Gives: batches of `confluent_kafka.Message` to the
-handler; applies the handler's requests to pause, resume and store offsets.
+handler; applies the handler's requests to store offsets, drain and rewind.
+
+In-flight credit: the thread counts the messages it hands over, the handler `release`s
+them as they leave its window. At `consumer.max_inflight` outstanding the thread pauses
+every partition and hands over nothing more; at `consumer.resume_inflight` it resumes.
+Counting in the thread, not on the loop, bounds what is in flight even while the loop is
+too busy to read what was handed over (with a backlog, librdkafka returns a full batch at
+every poll: a pause requested from the loop came too late, and the window overshot by
+thousands under sustained overload).
 
 One thread owns the librdkafka consumer (it is not safe to call from two threads at once):
 it polls, applies the requests queued by the event loop between polls, and runs the
@@ -66,7 +74,7 @@ class PartitionHandler(Protocol):
 
 @dataclass(frozen=True)
 class _Request:
-    kind: str  # "pause" | "resume" | "drain" | "store" | "rewind" | "unpause"
+    kind: str  # "pause" | "drain" | "store" | "rewind" | "assigned"
     partitions: tuple[Partition, ...] = ()
     offsets: tuple[tuple[str, int, int], ...] = ()
     # "rewind": settled on the event loop once done (an exception if it failed).
@@ -153,6 +161,11 @@ class KafkaSource:
         self._assigned: set[Partition] = set()
         self._paused: set[Partition] = set()
         self._want_paused = False
+        # In-flight credit (module docstring): messages handed over, and released back.
+        # Each is written by one thread only (handed: the consumer's; released: the loop's).
+        self._handed = 0
+        self._released = 0
+        self._credit_paused = False
         self._transactional = settings.delivery is DeliveryMode.EXACTLY_ONCE
         self._group_metadata: object | None = None
         self.fatal_error: KafkaException | None = None
@@ -170,11 +183,10 @@ class KafkaSource:
         self._thread = threading.Thread(target=self._run, name="kafka-consumer", daemon=True)
         self._thread.start()
 
-    def pause_all(self) -> None:
-        self._requests.put(_Request("pause"))
-
-    def resume_all(self) -> None:
-        self._requests.put(_Request("resume"))
+    def release(self, count: int) -> None:
+        """`count` handed-over messages left the in-flight window (answered, abandoned,
+        or ignored). Called on the event loop; read by the consumer thread."""
+        self._released += count
 
     def store(self, offsets: dict[Partition, int]) -> None:
         """Store these next-offsets-to-read; librdkafka commits them on its interval."""
@@ -227,11 +239,12 @@ class KafkaSource:
                 # While draining every partition is paused, but polling goes on: it serves
                 # rebalance callbacks, and anything already fetched is still handed over
                 # (dropping a message would let a later offset be committed past it).
-                messages = self._poll()
+                messages = self._poll(self._credit())
                 self._metrics.last_poll.set_to_current_time()
                 self._refresh_group_metadata()
                 good = [m for m in messages if not self._is_error(m)]
                 if good:
+                    self._handed += len(good)
                     self._call_soon(self._handler.on_messages, good)
             self._apply_requests()
             if not self._transactional:
@@ -243,15 +256,34 @@ class KafkaSource:
             self._consumer.close()
             self._call_soon(lambda: None)
 
-    def _poll(self) -> list[Message]:
-        """Wait up to POLL_TIMEOUT_S for a message, then take what else is already there.
+    def _credit(self) -> int:
+        """How many messages may be handed over now; pauses and resumes on the marks.
+
+        At least 1: a paused partition can still yield a message fetched before the pause,
+        which must be handed over (dropping it would let a later offset be committed past
+        it), so the window can overshoot by a message or two, never by a fetch queue.
+        """
+        marks = self._settings.consumer
+        outstanding = self._handed - self._released
+        if not self._credit_paused and outstanding >= marks.max_inflight:
+            self._credit_paused = True
+            self._pause(self._assigned - self._paused)
+        elif self._credit_paused and outstanding <= marks.resume_inflight:
+            self._credit_paused = False
+            if not self._want_paused:
+                self._resume(set(self._paused))
+        return max(1, marks.max_inflight - outstanding)
+
+    def _poll(self, limit: int) -> list[Message]:
+        """Wait up to POLL_TIMEOUT_S for a message, then take what else is already there,
+        up to `limit` messages.
 
         librdkafka's batch consume waits until it has the whole batch or the timeout ran
         out: asking for poll_batch messages at once held every event of a stream slower
         than poll_batch per POLL_TIMEOUT_S for up to 100 ms (50 ms on average).
         """
         messages = self._consumer.consume(num_messages=1, timeout=self.POLL_TIMEOUT_S)
-        more = self._settings.consumer.poll_batch - len(messages)
+        more = min(limit, self._settings.consumer.poll_batch) - len(messages)
         if messages and more > 0:
             messages += self._consumer.consume(num_messages=more, timeout=0)
         return messages
@@ -279,18 +311,20 @@ class KafkaSource:
                 self._pause(self._assigned - self._paused)
             elif request.kind == "drain":
                 self._draining = True
-            elif request.kind == "resume" and not self._draining:
-                self._want_paused = False
-                self._resume(set(self._paused))
             elif request.kind == "store":
                 for topic, partition, offset in request.offsets:
                     if (topic, partition) in self._assigned:
                         to_store[(topic, partition)] = offset
             elif request.kind == "rewind" and request.reply is not None:
                 self._rewind(request.reply)
-            elif request.kind == "unpause" and not self._want_paused:
-                assigned = [tp for tp in request.partitions if tp in self._assigned]
-                if assigned:
+            elif request.kind == "assigned":
+                assigned = {tp for tp in request.partitions if tp in self._assigned}
+                if self._want_paused or self._credit_paused:
+                    self._pause(assigned - self._paused)
+                elif assigned:
+                    # librdkafka keeps a partition's paused flag across assignments: one
+                    # paused here before it was revoked or lost would come back paused,
+                    # and stay so.
                     self._consumer.resume([TopicPartition(t, p) for t, p in assigned])
         if to_store:
             self._consumer.store_offsets(
@@ -347,13 +381,8 @@ class KafkaSource:
         assigned = [(tp.topic, tp.partition) for tp in partitions]
         self._assigned.update(assigned)
         self._metrics.assigned_partitions.set(len(self._assigned))
-        if self._want_paused:
-            # Assigned after a pause request: pause once librdkafka has assigned them.
-            self._requests.put(_Request("pause"))
-        else:
-            # librdkafka keeps a partition's paused flag across assignments: one paused
-            # here before it was revoked or lost would come back paused, and stay so.
-            self._requests.put(_Request("unpause", partitions=tuple(assigned)))
+        # Paused or resumed once librdkafka has assigned them (after this callback).
+        self._requests.put(_Request("assigned", partitions=tuple(assigned)))
         log.info("partitions assigned", extra={"partitions": _fmt(assigned)})
         self._call_soon(self._handler.on_assigned, assigned)
 

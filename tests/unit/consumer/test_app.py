@@ -90,17 +90,13 @@ class FakePublisher:
 @dataclass
 class FakeSource:
     stored: list[dict[tuple[str, int], int]] = field(default_factory=list)
-    pauses: int = 0
-    resumes: int = 0
+    released: int = 0
 
     def store(self, offsets: dict[tuple[str, int], int]) -> None:
         self.stored.append(dict(offsets))
 
-    def pause_all(self) -> None:
-        self.pauses += 1
-
-    def resume_all(self) -> None:
-        self.resumes += 1
+    def release(self, count: int) -> None:
+        self.released += count
 
 
 def message(offset: int, url: str = "http://origin/a.jpg", partition: int = 0) -> Message:
@@ -198,17 +194,24 @@ async def test_outages_are_retried_in_place_and_never_dead_lettered() -> None:
     assert source.stored == [{(TOPIC, 0): 1}]
 
 
-async def test_partitions_pause_at_the_high_mark_and_resume_at_the_low_mark() -> None:
+async def test_events_are_released_to_the_source_once_answered() -> None:
     fetcher = FakeFetcher()
     fetcher.gates["http://origin/held.jpg"] = gate = asyncio.Event()
-    pipeline, _, source, _ = make_pipeline(
-        fetcher=fetcher, consumer=ConsumerSettings(max_inflight=4, resume_inflight=1)
-    )
+    pipeline, _, source, _ = make_pipeline(fetcher=fetcher)
     pipeline.on_messages([message(i, "http://origin/held.jpg") for i in range(4)])
-    assert source.pauses == 1
+    await asyncio.sleep(0)
+    assert source.released == 0
     gate.set()
     assert await pipeline.wait_idle(5)
-    assert source.resumes == 1
+    assert source.released == 4
+
+
+async def test_messages_refused_at_shutdown_are_released_at_once() -> None:
+    pipeline, _, source, _ = make_pipeline()
+    pipeline.stop_intake()
+    pipeline.on_messages([message(i) for i in range(3)])
+    assert source.released == 3
+    assert pipeline.inflight == 0
 
 
 async def test_revoke_waits_for_the_moving_partitions_work_then_returns_its_offsets() -> None:
@@ -288,3 +291,14 @@ async def test_a_dlq_record_the_broker_refuses_as_too_large_is_resent_without_it
     ((topic, _key, value, headers),) = publisher.records
     assert (topic, value) == ("dlq", b"")
     assert dict(headers)["dlq.value.omitted"] == b"5000"
+
+
+async def test_work_abandoned_before_it_started_leaves_the_window() -> None:
+    # Lost in the same loop iteration that handed the messages over: the tasks are
+    # cancelled before they ever ran, and must still be booked out of the window.
+    pipeline, _, source, _ = make_pipeline()
+    pipeline.on_messages([message(i) for i in range(3)])
+    pipeline.on_lost([(TOPIC, 0)])
+    assert await pipeline.wait_idle(5)
+    assert pipeline.inflight == 0
+    assert source.released == 3

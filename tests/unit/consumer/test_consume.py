@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from confluent_kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumer.consume import KafkaSource, Partition
@@ -40,12 +41,40 @@ class BatchWaitingConsumer:
         self.available = [FakeMessage(i) for i in range(available)]
         self.held_s = 0.0
         self.lock = threading.Lock()
+        self.on_assign: Any = None
+        self.assigned = False
+        self.paused = False
+        self.polls_while_paused = 0
+        self.paused_polls = threading.Event()
+        # Set by a test: partitions assigned at the next poll (a rebalance).
+        self.assign_next: list[TopicPartition] = []
+        self.reassigned = threading.Event()
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
-        pass
+        self.on_assign = callbacks["on_assign"]
+
+    def pause(self, partitions: list[Any]) -> None:
+        self.paused = True
+
+    def resume(self, partitions: list[Any]) -> None:
+        self.paused = False
 
     def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        if not self.assigned:
+            self.assigned = True
+            self.on_assign(self, [TopicPartition("in", 0)])
+            return []
+        if self.assign_next:
+            more, self.assign_next = self.assign_next, []
+            self.on_assign(self, more)
+            self.reassigned.set()
+            return []
         with self.lock:
+            if self.paused:  # a paused partition yields nothing
+                self.polls_while_paused += 1
+                if self.polls_while_paused >= 3:
+                    self.paused_polls.set()
+                return []
             if 0 < len(self.available) < num_messages:
                 self.held_s += timeout
             taken, self.available = self.available[:num_messages], self.available[num_messages:]
@@ -71,6 +100,13 @@ class Handler:
         self.offsets += [m.offset() for m in messages]
         if len(self.offsets) >= self.expected:
             self.all_there.set()
+
+    def expect(self, count: int) -> asyncio.Event:
+        self.expected = count
+        self.all_there.clear()
+        if len(self.offsets) >= count:
+            self.all_there.set()
+        return self.all_there
 
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         pass
@@ -99,3 +135,32 @@ async def test_messages_already_fetched_are_handed_over_without_waiting_for_a_fu
         await source.close({})
     assert handler.offsets == [0, 1, 2]
     assert fake.held_s == 0.0
+
+
+async def test_no_more_than_max_inflight_is_handed_over_until_some_is_released() -> None:
+    # A backlog: every poll could return a full batch. The loop has not released anything.
+    fake = BatchWaitingConsumer(available=1000)
+    handler = Handler(expected=10)
+    settings = Settings(consumer=ConsumerSettings(max_inflight=10, resume_inflight=5, poll_batch=4))
+    source = KafkaSource(
+        settings,
+        Metrics(CollectorRegistry()),
+        handler,
+        consumer_factory=lambda _conf: fake,  # type: ignore[arg-type,return-value]
+    )
+    source.start()
+    try:
+        await asyncio.wait_for(handler.all_there.wait(), timeout=10)
+        # Paused at the mark, and polling on (serving the group) without handing more.
+        await asyncio.wait_for(asyncio.to_thread(fake.paused_polls.wait), timeout=10)
+        await asyncio.sleep(0)
+        assert handler.offsets == list(range(10))
+        # A rebalance while paused: the new partition waits with the others.
+        fake.assign_next = [TopicPartition("in", 1)]
+        await asyncio.wait_for(asyncio.to_thread(fake.reassigned.wait), timeout=10)
+        source.release(4)  # 6 outstanding: above the resume mark
+        source.release(1)  # 5: at the resume mark
+        await asyncio.wait_for(handler.expect(15).wait(), timeout=10)
+    finally:
+        await source.close({})
+    assert handler.offsets[:15] == list(range(15))
