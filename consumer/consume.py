@@ -74,7 +74,7 @@ class PartitionHandler(Protocol):
 
 @dataclass(frozen=True)
 class _Request:
-    kind: str  # "pause" | "drain" | "store" | "rewind" | "assigned"
+    kind: str  # "drain" | "store" | "rewind" | "assigned"
     partitions: tuple[Partition, ...] = ()
     offsets: tuple[tuple[str, int, int], ...] = ()
     # "rewind": settled on the event loop once done (an exception if it failed).
@@ -160,7 +160,6 @@ class KafkaSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._assigned: set[Partition] = set()
         self._paused: set[Partition] = set()
-        self._want_paused = False
         # In-flight credit (module docstring): messages handed over, and released back.
         # Each is written by one thread only (handed: the consumer's; released: the loop's).
         self._handed = 0
@@ -205,8 +204,8 @@ class KafkaSource:
         await reply
 
     def stop_polling(self) -> None:
-        """Stop fetching new messages (pause everything, for good); rebalances are served."""
-        self._requests.put(_Request("pause"))
+        """Stop fetching new messages (pause everything, for good: drain); rebalances are
+        still served."""
         self._requests.put(_Request("drain"))
 
     async def close(self, final_offsets: dict[Partition, int]) -> None:
@@ -270,7 +269,7 @@ class KafkaSource:
             self._pause(self._assigned - self._paused)
         elif self._credit_paused and outstanding <= marks.resume_inflight:
             self._credit_paused = False
-            if not self._want_paused:
+            if not self._draining:
                 self._resume(set(self._paused))
         return max(1, marks.max_inflight - outstanding)
 
@@ -306,11 +305,9 @@ class KafkaSource:
                 request = self._requests.get_nowait()
             except queue.Empty:
                 break
-            if request.kind == "pause":
-                self._want_paused = True
-                self._pause(self._assigned - self._paused)
-            elif request.kind == "drain":
+            if request.kind == "drain":
                 self._draining = True
+                self._pause(self._assigned - self._paused)
             elif request.kind == "store":
                 for topic, partition, offset in request.offsets:
                     if (topic, partition) in self._assigned:
@@ -319,7 +316,7 @@ class KafkaSource:
                 self._rewind(request.reply)
             elif request.kind == "assigned":
                 assigned = {tp for tp in request.partitions if tp in self._assigned}
-                if self._want_paused or self._credit_paused:
+                if self._draining or self._credit_paused:
                     self._pause(assigned - self._paused)
                 elif assigned:
                     # librdkafka keeps a partition's paused flag across assignments: one

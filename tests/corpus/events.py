@@ -25,14 +25,12 @@ from fastavro import parse_schema, schemaless_writer
 from consumer.events import (
     SINGLE_OBJECT_MARKER,
     UPLOADED_SCHEMA,
-    CategoryScore,
-    CategorySuggestion,
     EventCodec,
-    StageTimings,
     load_schema,
     schema_fingerprint,
 )
 from tests.corpus import SUGGESTED
+from tests.support.kafka import make_suggestion
 
 CODEC = EventCodec()
 HEADER = SINGLE_OBJECT_MARKER + schema_fingerprint(load_schema(UPLOADED_SCHEMA))
@@ -99,22 +97,7 @@ def avro_string(raw: bytes) -> bytes:
 
 
 def _suggestion_value() -> bytes:
-    suggestion = CategorySuggestion(
-        event_id=uuid.uuid4(),
-        source_event_id=uuid.uuid4(),
-        listing_id="listing-1",
-        image_id="image-1",
-        category="books",
-        score=0.9,
-        scores=(CategoryScore(category="books", score=0.9),),
-        confident=True,
-        confidence_threshold=0.5,
-        model_name="category_classifier",
-        model_version="1",
-        timings=StageTimings(fetch_ms=1, preprocess_ms=1, inference_ms=1, total_ms=3),
-        produced_at=datetime.now(UTC),
-    )
-    return CODEC.encode_suggestion(suggestion)
+    return CODEC.encode_suggestion(make_suggestion())
 
 
 def event_cases(image_url: str) -> list[EventCase]:

@@ -11,7 +11,13 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, Message, Producer
 
-from consumer.events import CategorySuggestion, EventCodec, ListingImageUploaded
+from consumer.events import (
+    CategoryScore,
+    CategorySuggestion,
+    EventCodec,
+    ListingImageUploaded,
+    StageTimings,
+)
 
 
 def make_event(url: str, **fields: object) -> ListingImageUploaded:
@@ -24,6 +30,27 @@ def make_event(url: str, **fields: object) -> ListingImageUploaded:
     }
     values.update(fields)
     return ListingImageUploaded.model_validate(values)
+
+
+def make_suggestion(**fields: object) -> CategorySuggestion:
+    """A valid suggestion with one category; `fields` replace any of its values."""
+    values: dict[str, object] = {
+        "event_id": uuid.uuid4(),
+        "source_event_id": uuid.uuid4(),
+        "listing_id": "listing-1",
+        "image_id": "image-1",
+        "category": "books",
+        "score": 0.9,
+        "scores": (CategoryScore(category="books", score=0.9),),
+        "confident": True,
+        "confidence_threshold": 0.5,
+        "model_name": "category_classifier",
+        "model_version": "1",
+        "timings": StageTimings(fetch_ms=1, preprocess_ms=1, inference_ms=1, total_ms=3),
+        "produced_at": datetime.now(UTC),
+    }
+    values.update(fields)
+    return CategorySuggestion.model_validate(values)
 
 
 def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:

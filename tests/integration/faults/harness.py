@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import pytest
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -36,12 +37,15 @@ from PIL import Image
 
 from consumer.events import EventCodec, ListingImageUploaded
 from consumer.ledger import Ledger, LedgerTotals
+from consumer.settings import DeliveryMode
 from tests.conftest import ServiceFactory, Topics
 from tests.support.kafka import make_event
 from tests.support.origin import ImageOrigin
 from tests.support.service import ServiceProcess
 
 CODEC = EventCodec()
+# Runs a fault test once per delivery mode (its `mode` argument).
+BOTH_MODES = pytest.mark.parametrize("mode", [m.value for m in DeliveryMode])
 log = logging.getLogger(__name__)
 
 # Settings every fault test's services run with. A dead member leaves the group after

@@ -11,6 +11,7 @@ from devstack.kafka import KafkaBroker
 from devstack.process import StackError, free_port
 from tests.conftest import ServiceFactory, Topics
 from tests.integration.faults.harness import (
+    BOTH_MODES,
     EventFlow,
     FaultRecord,
     LedgerWatch,
@@ -44,7 +45,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
         pytest.param(10_000, 5, id="long", marks=[pytest.mark.chaos, pytest.mark.timeout(3600)]),
     ],
 )
-@pytest.mark.parametrize("mode", ["at_least_once", "exactly_once"])
+@BOTH_MODES
 def test_broker_kill_9_and_restart_loses_nothing(
     events: int,
     crashes: int,

@@ -11,6 +11,7 @@ import pytest
 from devstack.kafka import KafkaBroker
 from tests.conftest import ServiceFactory, Topics
 from tests.integration.faults.harness import (
+    BOTH_MODES,
     FAULT_ENV,
     EventFlow,
     FaultRecord,
@@ -115,7 +116,7 @@ def test_kill_9_of_consumers_loses_nothing_and_duplicates_at_most_the_window(
         pytest.param(20_000, 5, id="long", marks=[pytest.mark.chaos, pytest.mark.timeout(3600)]),
     ],
 )
-@pytest.mark.parametrize("mode", ["at_least_once", "exactly_once"])
+@BOTH_MODES
 def test_rolling_sigterm_restart_of_every_consumer_loses_and_duplicates_nothing(
     events: int,
     restarts: int,

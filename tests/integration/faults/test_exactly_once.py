@@ -12,6 +12,7 @@ from confluent_kafka import Consumer
 from devstack.kafka import KafkaBroker
 from tests.conftest import ServiceFactory, Topics
 from tests.integration.faults.harness import (
+    BOTH_MODES,
     CODEC,
     EventFlow,
     FaultRecord,
@@ -149,7 +150,7 @@ def _visible_latency_ms(bootstrap: str, topics: Topics, flow: EventFlow, count: 
 
 @pytest.mark.chaos
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("mode", ["at_least_once", "exactly_once"])
+@BOTH_MODES
 def test_cost_of_exactly_once_latency_and_throughput(
     mode: str,
     kafka: KafkaBroker,

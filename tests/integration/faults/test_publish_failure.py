@@ -11,6 +11,7 @@ from confluent_kafka.admin import AdminClient
 from devstack.kafka import KafkaBroker
 from tests.conftest import ServiceFactory, Topics
 from tests.integration.faults.harness import (
+    BOTH_MODES,
     EventFlow,
     FaultRecord,
     LedgerWatch,
@@ -31,7 +32,7 @@ def committed(admin: AdminClient, topics: Topics) -> int:
     return sum(max(tp.offset, 0) for tp in result.topic_partitions if tp.topic == topics.input)
 
 
-@pytest.mark.parametrize("mode", ["at_least_once", "exactly_once"])
+@BOTH_MODES
 def test_output_topic_deleted_advances_no_offset_and_loses_nothing_once_back(
     mode: str,
     kafka: KafkaBroker,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,8 @@ from bench.pyspy import summarise
 from bench.report import evaluate, rss_trend_mb
 from bench.runs import RunResult, stage_split
 from bench.tritonstats import parse
-from consumer.events import CategoryScore, CategorySuggestion, EventCodec, StageTimings
+from consumer.events import EventCodec, StageTimings
+from tests.support.kafka import make_suggestion
 
 
 def run(name: str, events_per_s: float, **fields: object) -> RunResult:
@@ -151,21 +150,7 @@ def test_py_spy_summary_shares(tmp_path: Path) -> None:
 
 def test_stage_split_takes_the_stages_from_the_suggestions_and_leaves_the_rest() -> None:
     codec = EventCodec()
-    base = CategorySuggestion(
-        event_id=uuid.uuid4(),
-        source_event_id=uuid.uuid4(),
-        listing_id="l",
-        image_id="i",
-        category="a",
-        score=0.9,
-        scores=(CategoryScore(category="a", score=0.9),),
-        confident=True,
-        confidence_threshold=0.5,
-        model_name="m",
-        model_version="1",
-        timings=StageTimings(fetch_ms=0, preprocess_ms=0, inference_ms=0, total_ms=0),
-        produced_at=datetime.now(UTC),
-    )
+    base = make_suggestion()
     answers = {}
     for i in range(1, 101):
         timings = StageTimings(fetch_ms=40 + i, preprocess_ms=5, inference_ms=2 * i, total_ms=0)

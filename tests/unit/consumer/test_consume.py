@@ -118,17 +118,23 @@ class Handler:
         pass
 
 
-async def test_messages_already_fetched_are_handed_over_without_waiting_for_a_full_batch() -> None:
-    fake = BatchWaitingConsumer(available=3)
-    handler = Handler(expected=3)
-    settings = Settings(consumer=ConsumerSettings(poll_batch=500))
+def started_source(
+    fake: BatchWaitingConsumer, handler: Handler, consumer: ConsumerSettings
+) -> KafkaSource:
     source = KafkaSource(
-        settings,
+        Settings(consumer=consumer),
         Metrics(CollectorRegistry()),
         handler,
         consumer_factory=lambda _conf: fake,  # type: ignore[arg-type,return-value]
     )
     source.start()
+    return source
+
+
+async def test_messages_already_fetched_are_handed_over_without_waiting_for_a_full_batch() -> None:
+    fake = BatchWaitingConsumer(available=3)
+    handler = Handler(expected=3)
+    source = started_source(fake, handler, ConsumerSettings(poll_batch=500))
     try:
         await asyncio.wait_for(handler.all_there.wait(), timeout=10)
     finally:
@@ -141,14 +147,8 @@ async def test_no_more_than_max_inflight_is_handed_over_until_some_is_released()
     # A backlog: every poll could return a full batch. The loop has not released anything.
     fake = BatchWaitingConsumer(available=1000)
     handler = Handler(expected=10)
-    settings = Settings(consumer=ConsumerSettings(max_inflight=10, resume_inflight=5, poll_batch=4))
-    source = KafkaSource(
-        settings,
-        Metrics(CollectorRegistry()),
-        handler,
-        consumer_factory=lambda _conf: fake,  # type: ignore[arg-type,return-value]
-    )
-    source.start()
+    marks = ConsumerSettings(max_inflight=10, resume_inflight=5, poll_batch=4)
+    source = started_source(fake, handler, marks)
     try:
         await asyncio.wait_for(handler.all_there.wait(), timeout=10)
         # Paused at the mark, and polling on (serving the group) without handing more.
