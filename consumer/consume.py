@@ -5,12 +5,19 @@ rebalance news on the event loop. Gives: batches of `confluent_kafka.Message` to
 handler; applies the handler's requests to store offsets, drain and rewind.
 
 In-flight credit: the thread counts the messages it hands over, the handler `release`s
-them as they leave its window. At `consumer.max_inflight` outstanding the thread pauses
-every partition and hands over nothing more; at `consumer.resume_inflight` it resumes.
-Counting in the thread, not on the loop, bounds what is in flight even while the loop is
-too busy to read what was handed over (with a backlog, librdkafka returns a full batch at
-every poll: a pause requested from the loop came too late, and the window overshot by
-thousands under sustained overload).
+them as they leave its window. At `consumer.max_inflight` outstanding the thread hands over
+nothing more until the window is back down to `consumer.resume_inflight`. Counting in the
+thread, not on the loop, bounds what is in flight even while the loop is too busy to read
+what was handed over (with a backlog, librdkafka returns a full batch at every poll: a
+pause requested from the loop came too late, and the window overshot by thousands under
+sustained overload).
+
+Out of credit, the thread first just waits (up to PAUSE_AFTER_S) for the pipeline to
+release; only a pipeline that stays full that long gets its partitions paused. Pausing a
+partition throws away what librdkafka has prefetched for it, and resuming starts a fetch
+from the broker again: pausing at every mark under steady overload (the window fills in
+well under a second) left the pipeline empty after each resume, waiting for the refetch,
+and cost a third of the throughput of the overhead benchmark.
 
 One thread owns the librdkafka consumer (it is not safe to call from two threads at once):
 it polls, applies the requests queued by the event loop between polls, and runs the
@@ -37,6 +44,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -137,6 +145,8 @@ class KafkaSource:
     """The input topic, polled on a thread of its own."""
 
     POLL_TIMEOUT_S = 0.1
+    # Out of credit this long: pause the partitions (module docstring).
+    PAUSE_AFTER_S = 0.5
 
     def __init__(
         self,
@@ -165,6 +175,12 @@ class KafkaSource:
         self._handed = 0
         self._released = 0
         self._credit_paused = False
+        # Out of credit since (monotonic seconds), not yet paused; None when not starved.
+        self._starved_since: float | None = None
+        # Wakes the thread waiting for credit: the window fell to the resume mark, a
+        # request was queued, or close.
+        self._wake = threading.Event()
+        self._waiting = False
         self._transactional = settings.delivery is DeliveryMode.EXACTLY_ONCE
         self._group_metadata: object | None = None
         self.fatal_error: KafkaException | None = None
@@ -186,12 +202,14 @@ class KafkaSource:
         """`count` handed-over messages left the in-flight window (answered, abandoned,
         or ignored). Called on the event loop; read by the consumer thread."""
         self._released += count
+        if self._waiting and self._outstanding() <= self._settings.consumer.resume_inflight:
+            self._wake.set()
 
     def store(self, offsets: dict[Partition, int]) -> None:
         """Store these next-offsets-to-read; librdkafka commits them on its interval."""
         if offsets:
             items = tuple((t, p, o) for (t, p), o in offsets.items())
-            self._requests.put(_Request("store", offsets=items))
+            self._submit(_Request("store", offsets=items))
 
     async def rewind(self) -> None:
         """Seek every assigned partition back to its committed offset (exactly-once, after
@@ -200,21 +218,26 @@ class KafkaSource:
         `KafkaException` when the committed offsets cannot be read."""
         assert self._loop is not None
         reply: asyncio.Future[None] = self._loop.create_future()
-        self._requests.put(_Request("rewind", reply=reply))
+        self._submit(_Request("rewind", reply=reply))
         await reply
 
     def stop_polling(self) -> None:
         """Stop fetching new messages (pause everything, for good: drain); rebalances are
         still served."""
-        self._requests.put(_Request("drain"))
+        self._submit(_Request("drain"))
 
     async def close(self, final_offsets: dict[Partition, int]) -> None:
         """Commit `final_offsets` and leave the group. Returns once the thread is done."""
         self.store(final_offsets)
         self._closed.set()
+        self._wake.set()
         if self._thread is not None:
             # Join off the loop: the thread may still call back into it during close.
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def _submit(self, request: _Request) -> None:
+        self._requests.put(request)
+        self._wake.set()
 
     def group_metadata(self) -> object | None:
         """The consumer's group metadata as of the last poll or rebalance (exactly-once:
@@ -238,7 +261,10 @@ class KafkaSource:
                 # While draining every partition is paused, but polling goes on: it serves
                 # rebalance callbacks, and anything already fetched is still handed over
                 # (dropping a message would let a later offset be committed past it).
-                messages = self._poll(self._credit())
+                limit = self._credit()
+                if limit == 0:  # woken by a request before credit came back
+                    continue
+                messages = self._poll(limit)
                 self._metrics.last_poll.set_to_current_time()
                 self._refresh_group_metadata()
                 good = [m for m in messages if not self._is_error(m)]
@@ -256,22 +282,60 @@ class KafkaSource:
             self._call_soon(lambda: None)
 
     def _credit(self) -> int:
-        """How many messages may be handed over now; pauses and resumes on the marks.
+        """How many messages may be handed over now; waits, pauses and resumes on the marks.
 
-        At least 1: a paused partition can still yield a message fetched before the pause,
-        which must be handed over (dropping it would let a later offset be committed past
-        it), so the window can overshoot by a message or two, never by a fetch queue.
+        Out of credit, it waits for the pipeline to release down to the resume mark, and
+        pauses every partition once that took PAUSE_AFTER_S. 0: a request came first (it
+        is applied before waiting on). Otherwise at least 1: a paused partition can still
+        yield a message fetched before the pause, which must be handed over (dropping it
+        would let a later offset be committed past it), so the window can overshoot by a
+        message or two, never by a fetch queue.
         """
         marks = self._settings.consumer
-        outstanding = self._handed - self._released
-        if not self._credit_paused and outstanding >= marks.max_inflight:
-            self._credit_paused = True
-            self._pause(self._assigned - self._paused)
-        elif self._credit_paused and outstanding <= marks.resume_inflight:
-            self._credit_paused = False
-            if not self._draining:
-                self._resume(set(self._paused))
-        return max(1, marks.max_inflight - outstanding)
+        if self._credit_paused:
+            if self._outstanding() <= marks.resume_inflight:
+                self._credit_paused = False
+                if not self._draining:
+                    self._resume(set(self._paused))
+        elif (
+            not self._draining
+            and (self._starved_since is not None or self._outstanding() >= marks.max_inflight)
+            and not self._wait_for_credit()
+        ):
+            return 0
+        return max(1, marks.max_inflight - self._outstanding())
+
+    def _wait_for_credit(self) -> bool:
+        """Wait until the window is down to the resume mark: True. Once starved for
+        PAUSE_AFTER_S, pause every partition: True too (polling goes on, to serve the
+        group). False when a request or close came first."""
+        now = time.monotonic()
+        if self._starved_since is None:
+            self._starved_since = now
+        self._wake.clear()
+        self._waiting = True
+        try:
+            resume_mark = self._settings.consumer.resume_inflight
+            if (
+                self._outstanding() > resume_mark
+                and self._requests.empty()
+                and not self._closed.is_set()
+            ):
+                self._wake.wait(self._starved_since + self.PAUSE_AFTER_S - now)
+            if self._outstanding() <= resume_mark:
+                self._starved_since = None
+                return True
+            if time.monotonic() - self._starved_since >= self.PAUSE_AFTER_S:
+                self._starved_since = None
+                self._credit_paused = True
+                self._pause(self._assigned - self._paused)
+                return True
+            return False
+        finally:
+            self._waiting = False
+
+    def _outstanding(self) -> int:
+        return self._handed - self._released
 
     def _poll(self, limit: int) -> list[Message]:
         """Wait up to POLL_TIMEOUT_S for a message, then take what else is already there,

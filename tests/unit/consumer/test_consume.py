@@ -44,6 +44,9 @@ class BatchWaitingConsumer:
         self.on_assign: Any = None
         self.assigned = False
         self.paused = False
+        self.pauses = 0
+        self.stored: list[TopicPartition] = []
+        self.stored_event = threading.Event()
         self.polls_while_paused = 0
         self.paused_polls = threading.Event()
         # Set by a test: partitions assigned at the next poll (a rebalance).
@@ -55,6 +58,7 @@ class BatchWaitingConsumer:
 
     def pause(self, partitions: list[Any]) -> None:
         self.paused = True
+        self.pauses += 1
 
     def resume(self, partitions: list[Any]) -> None:
         self.paused = False
@@ -79,6 +83,10 @@ class BatchWaitingConsumer:
                 self.held_s += timeout
             taken, self.available = self.available[:num_messages], self.available[num_messages:]
             return taken
+
+    def store_offsets(self, offsets: list[TopicPartition]) -> None:
+        self.stored += offsets
+        self.stored_event.set()
 
     def consumer_group_metadata(self) -> None:
         return None
@@ -119,7 +127,10 @@ class Handler:
 
 
 def started_source(
-    fake: BatchWaitingConsumer, handler: Handler, consumer: ConsumerSettings
+    fake: BatchWaitingConsumer,
+    handler: Handler,
+    consumer: ConsumerSettings,
+    pause_after_s: float = KafkaSource.PAUSE_AFTER_S,
 ) -> KafkaSource:
     source = KafkaSource(
         Settings(consumer=consumer),
@@ -127,6 +138,7 @@ def started_source(
         handler,
         consumer_factory=lambda _conf: fake,  # type: ignore[arg-type,return-value]
     )
+    source.PAUSE_AFTER_S = pause_after_s
     source.start()
     return source
 
@@ -143,15 +155,38 @@ async def test_messages_already_fetched_are_handed_over_without_waiting_for_a_fu
     assert fake.held_s == 0.0
 
 
+async def test_at_the_mark_the_source_waits_for_credit_without_pausing() -> None:
+    # Pausing throws librdkafka's prefetched messages away: a pipeline that releases soon
+    # after the window filled must find them still there.
+    fake = BatchWaitingConsumer(available=1000)
+    handler = Handler(expected=10)
+    marks = ConsumerSettings(max_inflight=10, resume_inflight=5, poll_batch=4)
+    source = started_source(fake, handler, marks, pause_after_s=60)
+    try:
+        await asyncio.wait_for(handler.all_there.wait(), timeout=10)
+        source.store({("in", 0): 3})  # a request is served while the source waits
+        await asyncio.wait_for(asyncio.to_thread(fake.stored_event.wait), timeout=10)
+        assert handler.offsets == list(range(10))
+        source.release(4)  # 6 outstanding: above the resume mark, still waiting
+        source.release(1)  # 5: at the resume mark
+        await asyncio.wait_for(handler.expect(15).wait(), timeout=10)
+    finally:
+        await source.close({})
+    assert handler.offsets[:15] == list(range(15))
+    assert fake.stored == [TopicPartition("in", 0, 3)]
+    assert fake.pauses == 0
+
+
 async def test_no_more_than_max_inflight_is_handed_over_until_some_is_released() -> None:
     # A backlog: every poll could return a full batch. The loop has not released anything.
     fake = BatchWaitingConsumer(available=1000)
     handler = Handler(expected=10)
     marks = ConsumerSettings(max_inflight=10, resume_inflight=5, poll_batch=4)
-    source = started_source(fake, handler, marks)
+    source = started_source(fake, handler, marks, pause_after_s=0.05)
     try:
         await asyncio.wait_for(handler.all_there.wait(), timeout=10)
-        # Paused at the mark, and polling on (serving the group) without handing more.
+        # Still full after PAUSE_AFTER_S: paused, and polling on (serving the group)
+        # without handing more.
         await asyncio.wait_for(asyncio.to_thread(fake.paused_polls.wait), timeout=10)
         await asyncio.sleep(0)
         assert handler.offsets == list(range(10))
