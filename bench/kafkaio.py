@@ -126,6 +126,11 @@ class EventSource:
         )
         return listing.encode(), self._codec.encode_uploaded(event)
 
+    def url_for(self, key: bytes) -> str:
+        """The image URL of the event `record` made with this key."""
+        index = int(key.rsplit(b"-", 1)[1])
+        return self._urls[index % len(self._urls)]
+
 
 @dataclass
 class Produced:

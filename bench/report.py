@@ -268,6 +268,23 @@ def markdown(
             + rows
             + "\n",
         ]
+    by_format = [r for r in runs if r.by_format_ms]
+    if by_format:
+        rows = "\n".join(
+            f"| {r.name} | {fmt} | {p['events']:.0f} ({p['share']:.0f} %) | {_fmt(p['p50'], 0)} "
+            f"| {_fmt(p['p95'], 0)} | {_fmt(p['p99'], 0)} | {_fmt(p['max'], 0)} "
+            f"| {_fmt(p['decode_p50'], 0)} / {_fmt(p['decode_p99'], 0)} |"
+            for r in by_format
+            for fmt, p in r.by_format_ms.items()
+        )
+        parts += [
+            "\n## Latency by image format (paced runs)\n",
+            "End-to-end latency of the suggested events by the format of their image, and "
+            "their decode time (p50 / p99). A format that is a tenth of the events decides "
+            "the overall p99 when its own p90 is above the others' p99.\n",
+            "| run | format | events | p50 ms | p95 ms | p99 ms | max ms | decode p50 / p99 ms |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|\n" + rows + "\n",
+        ]
     pieces = report.get("overhead_parts_cpu_us")
     if pieces:
         fetch = ", ".join(

@@ -65,6 +65,8 @@ class RunResult:
     latency_ms: dict[str, float] = field(default_factory=dict)
     # Paced runs: percentiles per stage from the suggestions' own timings (see stage_split).
     stages_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Paced runs: end-to-end and decode percentiles per image format (see format_split).
+    by_format_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     cpu_ms_per_event: dict[str, float] = field(default_factory=dict)
     consumer_peak_rss_mb: float = 0.0
     triton_batch_size: float = 0.0
@@ -378,6 +380,7 @@ def run_paced(
         log_path,
         warmup_s,
         answered_ms=ctx.answered_ms(consumer_kind),
+        image_format=lambda key: image_format(source.url_for(key)),
     )
     result.rate_target = rate
     if not produced.log_append_time:
@@ -416,6 +419,47 @@ def stage_split(answers: Mapping[bytes, tuple[float, bytes]]) -> dict[str, dict[
     return {stage: percentiles(values) for stage, values in split.items()}
 
 
+_FORMATS_BY_SUFFIX = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def image_format(url: str) -> str:
+    """The format of a workload image, from its name on the origin (`photos/0003.png`)."""
+    suffix = url.rsplit(".", 1)[-1].lower() if "." in url.rsplit("/", 1)[-1] else ""
+    return _FORMATS_BY_SUFFIX.get(suffix, suffix.upper() or "unknown")
+
+
+def format_split(
+    answers: Mapping[bytes, tuple[float, bytes]], image_format: Callable[[bytes], str]
+) -> dict[str, dict[str, float]]:
+    """End-to-end latency and decode time per image format of the suggested events.
+
+    `answers` as for `stage_split`; `image_format` names the format of an event's image
+    from its key. Per format: `events`, `share` (% of the events), end-to-end `p50`, `p95`,
+    `p99` and `max`, and `decode_p50`/`decode_p99` (the suggestions' own decode timing).
+    Shows which images make the tail: a format that is a tenth of the events decides the
+    overall p99 when its own p90 is above everyone else's p99.
+    """
+    codec = EventCodec()
+    latency: dict[str, list[float]] = {}
+    decode: dict[str, list[float]] = {}
+    for key, (ms, value) in answers.items():
+        fmt = image_format(key)
+        latency.setdefault(fmt, []).append(ms)
+        decode.setdefault(fmt, []).append(codec.decode_suggestion(value).timings.preprocess_ms)
+    total = sum(len(values) for values in latency.values())
+    split: dict[str, dict[str, float]] = {}
+    for fmt in sorted(latency, key=lambda f: -len(latency[f])):
+        e2e, dec = percentiles(latency[fmt]), percentiles(decode[fmt])
+        split[fmt] = {
+            "events": e2e["count"],
+            "share": 100 * e2e["count"] / total,
+            **{q: e2e[q] for q in ("p50", "p95", "p99", "max")},
+            "decode_p50": dec["p50"],
+            "decode_p99": dec["p99"],
+        }
+    return split
+
+
 def _paced_result(
     name: str,
     consumer_kind: str,
@@ -428,6 +472,7 @@ def _paced_result(
     warmup_s: float,
     *,
     answered_ms: Callable[[Answer], int],
+    image_format: Callable[[bytes], str] | None = None,
 ) -> RunResult:
     answers = reader.first
     sent = produced.append_ms
@@ -458,13 +503,14 @@ def _paced_result(
     ]
     result.latency_ms = percentiles(latencies)
     if consumer_kind == "service":
-        result.stages_ms = stage_split(
-            {
-                key: (float(answered_ms(answer) - sent[key]), reader.suggestions[key])
-                for key, answer in answers.items()
-                if key in sent and sent[key] >= cutoff and key in reader.suggestions
-            }
-        )
+        suggested = {
+            key: (float(answered_ms(answer) - sent[key]), reader.suggestions[key])
+            for key, answer in answers.items()
+            if key in sent and sent[key] >= cutoff and key in reader.suggestions
+        }
+        result.stages_ms = stage_split(suggested)
+        if image_format is not None:
+            result.by_format_ms = format_split(suggested, image_format)
     minute_counts: dict[int, int] = {}
     for stamp in answer_ms:
         minute = int((stamp - first_sent) // 60_000)

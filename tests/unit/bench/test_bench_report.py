@@ -12,8 +12,8 @@ from bench import procstat
 from bench.ceiling import combined_bound
 from bench.origin import percentiles
 from bench.pyspy import summarise
-from bench.report import evaluate, rss_trend_mb
-from bench.runs import RunResult, stage_split
+from bench.report import evaluate, markdown, rss_trend_mb
+from bench.runs import RunResult, format_split, image_format, stage_split
 from bench.tritonstats import parse
 from consumer.events import EventCodec, StageTimings
 from tests.support.kafka import make_suggestion
@@ -165,3 +165,85 @@ def test_stage_split_takes_the_stages_from_the_suggestions_and_leaves_the_rest()
     assert split["inference"]["p99"] == 198
     # rest = 100 + 3i - (45 + i + 2i) = 55 for every event
     assert split["rest"]["p50"] == split["rest"]["max"] == 55
+
+
+def test_format_split_finds_the_format_that_makes_the_tail() -> None:
+    codec = EventCodec()
+    base = make_suggestion()
+    urls = {
+        b"run-%08d" % i: f"http://o/photos/{i:04d}.{'webp' if i % 10 == 7 else 'jpg'}"
+        for i in range(200)
+    }
+    answers = {}
+    for key, url in urls.items():
+        slow = url.endswith(".webp")
+        timings = StageTimings(
+            fetch_ms=40, preprocess_ms=50 if slow else 3, inference_ms=20, total_ms=0
+        )
+        value = codec.encode_suggestion(base.model_copy(update={"timings": timings}))
+        answers[key] = (150.0 if slow else 70.0, value)
+
+    split = format_split(answers, lambda key: image_format(urls[key]))
+
+    assert list(split) == ["JPEG", "WEBP"]  # the commoner first
+    assert split["WEBP"]["events"] == 20
+    assert split["WEBP"]["share"] == 10
+    assert split["WEBP"]["p99"] == 150
+    assert split["WEBP"]["decode_p99"] == 50
+    assert split["JPEG"]["p99"] == 70
+    assert split["JPEG"]["decode_p50"] == 3
+
+
+def test_image_format_reads_the_workload_names() -> None:
+    assert image_format("http://127.0.0.1:9/photos/0001.jpg") == "JPEG"
+    assert image_format("http://127.0.0.1:9/photos/0003.png") == "PNG"
+    assert image_format("http://127.0.0.1:9/photos/0007.webp") == "WEBP"
+    assert image_format("http://127.0.0.1:9/photos/noext") == "unknown"
+
+
+def test_report_lists_latency_by_format() -> None:
+    paced = run(
+        "service-50",
+        35.0,
+        load="paced",
+        by_format_ms={
+            "JPEG": {
+                "events": 80,
+                "share": 80.0,
+                "p50": 90.0,
+                "p95": 120.0,
+                "p99": 130.0,
+                "max": 140.0,
+                "decode_p50": 3.0,
+                "decode_p99": 6.0,
+            },
+            "WEBP": {
+                "events": 10,
+                "share": 10.0,
+                "p50": 130.0,
+                "p95": 190.0,
+                "p99": 210.0,
+                "max": 220.0,
+                "decode_p50": 31.0,
+                "decode_p99": 58.0,
+            },
+        },
+    )
+    report = {
+        "started_at": "t",
+        "mode": "quick",
+        "profile": "cpu",
+        "command": "python -m bench",
+        "commit": "c",
+        "comparisons": [],
+        "machine": {
+            "cpu": "cpu",
+            "cores": 2,
+            "memory_gib": 1,
+            "kernel": "k",
+            "load_before": "0",
+            "load_after": "0",
+        },
+    }
+    text = markdown(report, [paced], [])
+    assert "| service-50 | WEBP | 10 (10 %) | 130 | 190 | 210 | 220 | 31 / 58 |" in text
