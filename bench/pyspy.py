@@ -1,7 +1,10 @@
 """Optional sampling profile of the consumer during a run (`python -m bench --py-spy`).
 
 `PySpy(pid, path)` runs `py-spy record` against the process in raw (collapsed stack)
-format, one line per distinct stack with its sample count, until the process exits; the
+format, one line per distinct stack with its sample count, until the process exits; it
+samples only the thread holding the GIL (`--gil`), so the shares are of the Python time
+the process spends (code that releases the GIL, such as Pillow decoding or librdkafka,
+does not show; a thread waiting for the GIL is not counted as busy where it waits); the
 file can be turned into a flame graph by any collapsed-stack tool. `summarise(path)` reads
 it back: the share of samples per function where the time was spent (self) and per
 function anywhere on the stack (inclusive), the top of each. py-spy is a separate
@@ -42,6 +45,7 @@ class PySpy:
                 "--rate",
                 str(rate),
                 "--nonblocking",
+                "--gil",
                 "--threads",
                 "--output",
                 str(path),

@@ -17,7 +17,7 @@ release; only a pipeline that stays full that long gets its partitions paused. P
 partition throws away what librdkafka has prefetched for it, and resuming starts a fetch
 from the broker again: pausing at every mark under steady overload (the window fills in
 well under a second) left the pipeline empty after each resume, waiting for the refetch,
-and cost a third of the throughput of the overhead benchmark.
+and cost a quarter of the throughput of the overhead benchmark.
 
 One thread owns the librdkafka consumer (it is not safe to call from two threads at once):
 it polls, applies the requests queued by the event loop between polls, and runs the
