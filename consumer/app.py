@@ -28,9 +28,10 @@ Delivery modes (settings.delivery):
   back-pressure.
 
 Back-pressure: the source hands over at most `consumer.max_inflight` messages that have
-not left the window (`_done` releases them); at that mark it pauses every partition
-(polling goes on, so the group does not evict us) and resumes them at
-`consumer.resume_inflight` (consume.py). Each step bounds its own concurrency as well.
+not left the window (`_done` releases them); at that mark it waits for the window to fall
+to `consumer.resume_inflight`, and pauses every partition only when that takes longer
+than half a second, a stall such as Triton down (polling goes on, so the group does not
+evict us); see consume.py. Each step bounds its own concurrency as well.
 """
 
 from __future__ import annotations
