@@ -5,6 +5,8 @@
 `tree_cpu_seconds(pid)` adds every live descendant (Triton's Python backend stubs are child
 processes of tritonserver). `memory(pid)` reads VmRSS and VmHWM (the peak RSS) in bytes.
 
+`threads_cpu_seconds(pid, prefix)` is the CPU of the threads whose kernel name starts
+with `prefix` (the service names its decode threads `decode_<n>`, see consumer/threads.py).
 `Sampler` polls a set of named process trees on a thread every `interval_s` and keeps the
 time series (wall-clock time, CPU seconds, RSS), so a run can ask for the CPU spent between
 any two moments (linearly interpolated between samples) and the RSS over time.
@@ -40,6 +42,21 @@ def cpu_seconds(pid: int) -> float:
     # After the command name the list starts at field 3: utime is field 14 -> index 11.
     utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
     return (utime + stime + cutime + cstime) / _TICKS
+
+
+def threads_cpu_seconds(pid: int, prefix: str) -> float:
+    """User + system CPU seconds of the live threads of `pid` named `prefix`...; 0 if none."""
+    ticks = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            if not (task / "comm").read_text().startswith(prefix):
+                continue
+            text = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / _TICKS
 
 
 def children(pid: int) -> list[int]:
@@ -117,15 +134,21 @@ class Sampler:
     """Samples named process trees every `interval_s` on a thread; `stop()` ends it.
 
     `trees` maps a name to a function that returns the root pid now (or None while there
-    is none), so a process started later, or restarted, is followed.
+    is none), so a process started later, or restarted, is followed. `threads` maps a name
+    to (such a function, a thread name prefix): the CPU of those threads of that process
+    (no RSS), a series like the others.
     """
 
     def __init__(
-        self, trees: Mapping[str, Callable[[], int | None]], interval_s: float = 0.25
+        self,
+        trees: Mapping[str, Callable[[], int | None]],
+        interval_s: float = 0.25,
+        threads: Mapping[str, tuple[Callable[[], int | None], str]] | None = None,
     ) -> None:
         self._trees = dict(trees)
+        self._threads = dict(threads or {})
         self._interval_s = interval_s
-        self.series: dict[str, Series] = {name: Series() for name in self._trees}
+        self.series: dict[str, Series] = {name: Series() for name in [*self._trees, *self._threads]}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="proc-sampler", daemon=True)
 
@@ -147,6 +170,15 @@ class Sampler:
             series.cpu.append(sum(cpu_seconds(p) for p in pids))
             series.rss.append(rss)
             series.hwm.append(hwm)
+        for name, (root, prefix) in self._threads.items():
+            pid = root()
+            if pid is None:
+                continue
+            series = self.series[name]
+            series.times.append(now)
+            series.cpu.append(threads_cpu_seconds(pid, prefix))
+            series.rss.append(0)
+            series.hwm.append(0)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):

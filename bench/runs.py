@@ -189,6 +189,10 @@ class _Consumer:
         return code
 
 
+# CPU series of the consumer's decode threads (the service names them decode_<n>).
+DECODE_THREADS = "consumer_decode"
+
+
 def _sampler(ctx: RunContext, consumer: _Consumer) -> procstat.Sampler:
     trees: dict[str, Callable[[], int | None]] = {"consumer": lambda: consumer.pid}
     if ctx.triton.pid is not None:
@@ -200,7 +204,9 @@ def _sampler(ctx: RunContext, consumer: _Consumer) -> procstat.Sampler:
     kafka_pid = ctx.stack.kafka_pid
     if kafka_pid is not None:
         trees["kafka"] = lambda: kafka_pid
-    return procstat.Sampler(trees).start()
+    # The service's decode threads, apart (consumer CPU "excluding decode").
+    threads = {DECODE_THREADS: (lambda: consumer.pid, "decode_")}
+    return procstat.Sampler(trees, threads=threads).start()
 
 
 def _cpu_per_event(

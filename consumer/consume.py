@@ -60,6 +60,7 @@ from confluent_kafka import (
 
 from consumer.metrics import Metrics
 from consumer.settings import DeliveryMode, Settings
+from consumer.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class KafkaSource:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        self._thread = threading.Thread(target=self._run, name="kafka-consumer", daemon=True)
+        self._thread = NamedThread(target=self._run, name="kafka-consumer", daemon=True)
         self._thread.start()
 
     def release(self, count: int) -> None:

@@ -48,6 +48,7 @@ from PIL import Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError, 
 
 from consumer.errors import ImageDecodeError
 from consumer.settings import DecodeSettings
+from consumer.threads import NamedThread
 
 __all__ = [
     "ACCEPTED_FORMATS",
@@ -293,7 +294,7 @@ class Decoder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._threads = [
-            threading.Thread(target=self._work, name=f"decode_{index}", daemon=True)
+            NamedThread(target=self._work, name=f"decode_{index}", daemon=True)
             for index in range(settings.threads)
         ]
         for thread in self._threads:

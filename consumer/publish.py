@@ -40,6 +40,7 @@ from consumer.errors import (
     RecordTooLargeError,
 )
 from consumer.settings import Settings
+from consumer.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Publisher:
     ) -> None:
         self._producer = producer_factory(producer_config(settings))
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="kafka-producer", daemon=True)
+        self._thread = NamedThread(target=self._serve, name="kafka-producer", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Delivery reports gathered on the producer's thread, handed to the event loop in
         # one wake-up per poll rather than one per record.
@@ -276,7 +277,7 @@ class _Lane:
     def __init__(self, producer: Producer) -> None:
         self.producer = producer
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="kafka-txn", daemon=True).start()
+        NamedThread(target=self._serve, name="kafka-txn", daemon=True).start()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()

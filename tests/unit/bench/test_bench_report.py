@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from bench.ceiling import combined_bound
 from bench.origin import percentiles
 from bench.pyspy import summarise
 from bench.report import evaluate, markdown, rss_trend_mb
-from bench.runs import RunResult, format_split, image_format, stage_split
+from bench.runs import DECODE_THREADS, RunResult, format_split, image_format, stage_split
 from bench.tritonstats import parse
 from consumer.events import EventCodec, StageTimings
+from consumer.threads import NamedThread
 from tests.support.kafka import make_suggestion
 
 
@@ -75,6 +77,15 @@ def test_every_target_passes_or_fails_on_its_own_numbers() -> None:
     assert verdicts[3].ratio == pytest.approx(400 / 300)
 
 
+def test_cpu_excluding_decode_subtracts_the_decode_threads_when_measured() -> None:
+    overhead = run("overhead", 1000.0, cpu_ms_per_event={"consumer": 0.9, DECODE_THREADS: 0.3})
+    verdicts = evaluate({"overhead": overhead}, bound=None, decode_tiny_ms=0.2)
+    cpu = next(v for v in verdicts if "excluding decode" in v.target)
+    assert cpu.ratio == pytest.approx(600 / 300)
+    assert "300 us in the decode threads" in cpu.detail
+    assert "one tiny decode alone 200 us" in cpu.detail
+
+
 def test_missing_phases_are_not_run_never_pass() -> None:
     verdicts = evaluate({}, bound=None, decode_tiny_ms=None)
     assert {v.status for v in verdicts} == {"NOT RUN"}
@@ -126,6 +137,31 @@ def test_proc_readings_of_this_process() -> None:
     assert 0 < rss <= hwm
     assert procstat.descendants(os.getpid())[0] == os.getpid()
     assert procstat.memory(2**22 + 12345) == (0, 0)
+
+
+def test_cpu_of_named_threads_is_read_apart() -> None:
+    burnt = threading.Event()
+    stop = threading.Event()
+
+    def burn() -> None:  # 100 ms of its own CPU, then idle until told to end
+        while time.thread_time() < 0.1:
+            pass
+        burnt.set()
+        stop.wait(30)
+
+    sampler = procstat.Sampler({}, threads={"d": (os.getpid, "decode_test")})
+    thread = NamedThread(target=burn, name="decode_test")
+    thread.start()
+    try:
+        assert burnt.wait(30)
+        sampler.sample()
+        measured = procstat.threads_cpu_seconds(os.getpid(), "decode_test")
+    finally:
+        stop.set()
+        thread.join()
+    assert 0.08 <= measured < 1.0  # clock ticks are 10 ms
+    assert sampler.series["d"].cpu[-1] >= 0.08
+    assert procstat.threads_cpu_seconds(os.getpid(), "no-such-thread") == 0
 
 
 def test_series_interpolates_cpu_between_samples() -> None:
