@@ -23,6 +23,9 @@ def _settings() -> Settings:
 
 async def _run_service(settings: Settings) -> None:
     from consumer.app import Service
+    from consumer.malloc import limit_arenas
+
+    limit_arenas()  # before any thread of the service starts (consumer/malloc.py)
 
     service = Service(settings)
     loop = asyncio.get_running_loop()
