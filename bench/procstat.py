@@ -25,9 +25,10 @@ from pathlib import Path
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(stat: Path) -> list[str] | None:
+    """Fields 3.. of a /proc stat file (a process's or a thread's); None when it is gone."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = stat.read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses; fields restart after ")".
@@ -36,7 +37,7 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of the process and its reaped children; 0 when gone."""
-    fields = _stat_fields(pid)
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
     if fields is None:
         return 0.0
     # After the command name the list starts at field 3: utime is field 14 -> index 11.
@@ -49,13 +50,12 @@ def threads_cpu_seconds(pid: int, prefix: str) -> float:
     ticks = 0
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            if not (task / "comm").read_text().startswith(prefix):
-                continue
-            text = (task / "stat").read_text()
+            named = (task / "comm").read_text().startswith(prefix)
         except OSError:  # the thread ended meanwhile
             continue
-        fields = text[text.rindex(")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])
+        fields = _stat_fields(task / "stat") if named else None
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])
     return ticks / _TICKS
 
 
