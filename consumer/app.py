@@ -23,9 +23,11 @@ Delivery modes (settings.delivery):
   (they are still in memory, so nothing is re-read). A producer that breaks (a broker
   crash can leave its transaction unendable) is replaced by a new one with the same
   transactional.id, which settles the old transaction, and every partition rewinds to
-  its committed offset: all work in memory is dropped and read again. A producer fenced
-  by a newer process stops the service. Buffered answers count as in flight for
-  back-pressure.
+  its committed offset: all work in memory is dropped and read again. A fenced producer
+  is replaced the same way (the coordinator fences a transaction that outlived its
+  timeout, as in a broker outage) unless fences repeat, which means another live process
+  shares the transactional.id: that stops the service (publish.py). Buffered answers
+  count as in flight for back-pressure.
 
 Back-pressure: the source hands over at most `consumer.max_inflight` messages that have
 not left the window (`_done` releases them); at that mark it waits for the window to fall
@@ -383,17 +385,20 @@ class Pipeline:
         delay = self._settings.triton.retry_backoff_base_s
         while not self._stop.is_set():
             try:
-                await self.source.rewind()
+                await self.source.rewind(then=self._rewound)
             except KafkaException as exc:
                 log.warning("rewind failed; retrying", extra={"error": str(exc)})
                 await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
                 delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
                 continue
-            # Messages handed over before the rewind returned were ignored; drop any
-            # state they may have left, then take what is read from the committed offsets.
-            self.abandon_all()
-            self._rewinding = False
             return
+
+    def _rewound(self) -> None:
+        """The seek is done (on the loop, after the last hand-over of a message read before
+        it and before the first of one read after it): drop any state the ignored messages
+        may have left, and take what is read from the committed offsets."""
+        self.abandon_all()
+        self._rewinding = False
 
     def _ready_answers(
         self, partitions: Sequence[Partition] | None

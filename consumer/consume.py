@@ -86,8 +86,10 @@ class _Request:
     kind: str  # "drain" | "store" | "rewind" | "assigned"
     partitions: tuple[Partition, ...] = ()
     offsets: tuple[tuple[str, int, int], ...] = ()
-    # "rewind": settled on the event loop once done (an exception if it failed).
+    # "rewind": settled on the event loop once done (an exception if it failed), after
+    # `then` ran there (only when it succeeded).
     reply: asyncio.Future[None] | None = None
+    then: Callable[[], None] | None = None
 
 
 def refusal(error: KafkaError) -> str | None:
@@ -212,14 +214,18 @@ class KafkaSource:
             items = tuple((t, p, o) for (t, p), o in offsets.items())
             self._submit(_Request("store", offsets=items))
 
-    async def rewind(self) -> None:
+    async def rewind(self, then: Callable[[], None]) -> None:
         """Seek every assigned partition back to its committed offset (exactly-once, after
-        a producer failure). Returns once done: every message handed over before the
-        return was read before the seek, every one after it was read after. Raises
-        `KafkaException` when the committed offsets cannot be read."""
+        a producer failure), then run `then` on the event loop: after every message read
+        before the seek has been handed over, before any read after it is. The caller
+        switches from ignoring messages to taking them there: not after this returns,
+        since the consumer thread may hand over messages read after the seek before the
+        awaiting coroutine resumes (they would be ignored, and lost: the position is past
+        them). Raises `KafkaException` when the committed offsets cannot be read (`then`
+        has not run)."""
         assert self._loop is not None
         reply: asyncio.Future[None] = self._loop.create_future()
-        self._submit(_Request("rewind", reply=reply))
+        self._submit(_Request("rewind", reply=reply, then=then))
         await reply
 
     def stop_polling(self) -> None:
@@ -378,7 +384,7 @@ class KafkaSource:
                     if (topic, partition) in self._assigned:
                         to_store[(topic, partition)] = offset
             elif request.kind == "rewind" and request.reply is not None:
-                self._rewind(request.reply)
+                self._rewind(request.reply, request.then)
             elif request.kind == "assigned":
                 assigned = {tp for tp in request.partitions if tp in self._assigned}
                 if self._draining or self._credit_paused:
@@ -393,7 +399,7 @@ class KafkaSource:
                 offsets=[TopicPartition(t, p, o) for (t, p), o in to_store.items()]
             )
 
-    def _rewind(self, reply: asyncio.Future[None]) -> None:
+    def _rewind(self, reply: asyncio.Future[None], then: Callable[[], None] | None) -> None:
         error: KafkaException | None = None
         try:
             assigned = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
@@ -406,7 +412,9 @@ class KafkaSource:
             log.info("rewound to the committed offsets", extra={"partitions": len(committed)})
         except KafkaException as exc:
             error = exc
-        self._call_soon(_settle, reply, error)
+        # Queued before any hand-over of a message read after the seek: the loop runs its
+        # callbacks in order.
+        self._call_soon(_settle, reply, error, then)
 
     def _pause(self, partitions: set[Partition]) -> None:
         if partitions:
@@ -511,10 +519,16 @@ class KafkaSource:
                     self._metrics.consumer_lag.labels(topic=topic, partition=pid).set(lag)
 
 
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+def _settle(
+    future: asyncio.Future[None],
+    error: BaseException | None,
+    then: Callable[[], None] | None = None,
+) -> None:
     if future.done():
         return
     if error is None:
+        if then is not None:
+            then()
         future.set_result(None)
     else:
         future.set_exception(error)

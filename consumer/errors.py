@@ -20,7 +20,7 @@ Every failure of a step is one of these. Two kinds matter to the pipeline:
         ├── InferenceUnavailableError stage=infer
         ├── ModelContractError        stage=startup (the served model breaks the contract)
         ├── PublishError              stage=publish
-        │   ├── PublishFatalError     the producer cannot go on (fenced by a newer process): stop
+        │   ├── PublishFatalError     the producer cannot go on (fenced repeatedly): stop
         │   └── ProducerFailedError   a transactional producer broke: replace it, rewind
         └── RegistryError             stage=registry (unreachable; or it refused our schema)
 """
@@ -115,9 +115,10 @@ class RecordTooLargeError(PublishError):
 
 
 class PublishFatalError(PublishError):
-    """The producer cannot go on: fenced by a newer process with its transactional.id, or
-    in a fatal state. Retrying cannot help; the service stops and a new process resumes
-    from the committed offsets."""
+    """The producer cannot go on: fenced again and again, so another live process holds
+    its transactional.id (a single fence is taken for the coordinator ending a timed-out
+    transaction: ProducerFailedError). Retrying cannot help; the service stops and a new
+    process resumes from the committed offsets."""
 
     default_reason = "publish_fatal"
     retryable = False

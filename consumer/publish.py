@@ -16,6 +16,14 @@ when the producer reached a fatal state on its own (the caller `reset()`s it and
 to the committed offsets: whether the failed transaction committed is not known);
 `PublishFatalError` when a newer process took over the transactional.id (this one must
 stop). Every producer call runs on one thread of its own, in order.
+
+A fence is not always another process. The transaction coordinator aborts a transaction
+that outlives `transaction.timeout.ms` (a broker outage in the middle of its commit, say)
+and bumps the producer's epoch; librdkafka then reports the producer's next call as
+fenced. So `commit` takes the first `FENCES_TOLERATED` fences within `FENCE_WINDOW_S` for
+a failed producer (`ProducerFailedError`: replaced, pipeline rewound) and only more of
+them for a takeover: two live processes sharing a transactional.id fence each other
+over and over.
 """
 
 from __future__ import annotations
@@ -198,6 +206,10 @@ def transactional_config(settings: Settings) -> dict[str, Any]:
 class TransactionalPublisher:
     """A transactional producer: each `commit` is one transaction of records and offsets."""
 
+    # Fences within the window taken for a coordinator's epoch bump (module docstring).
+    FENCES_TOLERATED = 3
+    FENCE_WINDOW_S = 600.0
+
     def __init__(
         self,
         settings: Settings,
@@ -215,6 +227,8 @@ class TransactionalPublisher:
         self._watchdog_s = watchdog_s or 2 * self._timeout_s + 5
         self._factory = producer_factory
         self._lane = _Lane(producer_factory(self._conf))
+        # When recent fences happened (monotonic seconds), for the tolerance above.
+        self._fences: list[float] = []
 
     async def start(self) -> None:
         """Register the transactional.id: fences an older producer with the same id and
@@ -245,9 +259,24 @@ class TransactionalPublisher:
     ) -> None:
         """Publish `records` in this order and commit `offsets` (next offsets to read) for
         the group, atomically. See the module docstring for what it raises."""
-        await self._call(
-            _transaction, self._lane.producer, records, offsets, group_metadata, self._timeout_s
-        )
+        try:
+            await self._call(
+                _transaction, self._lane.producer, records, offsets, group_metadata, self._timeout_s
+            )
+        except PublishFatalError as exc:
+            if not self._fence_tolerated():
+                raise
+            raise ProducerFailedError(
+                f"{exc.message} (taken for the coordinator ending a timed-out transaction: "
+                f"fence {len(self._fences)} of {self.FENCES_TOLERATED} tolerated in "
+                f"{self.FENCE_WINDOW_S:.0f} s)"
+            ) from exc
+
+    def _fence_tolerated(self) -> bool:
+        now = time.monotonic()
+        self._fences = [t for t in self._fences if now - t < self.FENCE_WINDOW_S]
+        self._fences.append(now)
+        return len(self._fences) <= self.FENCES_TOLERATED
 
     async def close(self) -> None:
         """Close after the last commit: nothing is pending then."""

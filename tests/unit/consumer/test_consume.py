@@ -38,6 +38,7 @@ class BatchWaitingConsumer:
     sleeping, this fake adds up the time it would have held messages it already had."""
 
     def __init__(self, available: int) -> None:
+        self.total = available
         self.available = [FakeMessage(i) for i in range(available)]
         self.held_s = 0.0
         self.lock = threading.Lock()
@@ -87,6 +88,13 @@ class BatchWaitingConsumer:
     def store_offsets(self, offsets: list[TopicPartition]) -> None:
         self.stored += offsets
         self.stored_event.set()
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, 0) for tp in partitions]
+
+    def seek(self, position: TopicPartition) -> None:
+        with self.lock:
+            self.available = [FakeMessage(i) for i in range(position.offset, self.total)]
 
     def consumer_group_metadata(self) -> None:
         return None
@@ -153,6 +161,23 @@ async def test_messages_already_fetched_are_handed_over_without_waiting_for_a_fu
         await source.close({})
     assert handler.offsets == [0, 1, 2]
     assert fake.held_s == 0.0
+
+
+async def test_a_rewind_runs_then_between_the_reads_before_the_seek_and_after_it() -> None:
+    # The pipeline ignores messages while it rewinds and takes them again in `then`: a
+    # message read after the seek but handed over before `then` would be lost.
+    fake = BatchWaitingConsumer(available=5)
+    handler = Handler(expected=5)
+    source = started_source(fake, handler, ConsumerSettings(poll_batch=500))
+    handed_at_then: list[int] = []
+    try:
+        await asyncio.wait_for(handler.all_there.wait(), timeout=10)
+        await source.rewind(then=lambda: handed_at_then.append(len(handler.offsets)))
+        await asyncio.wait_for(handler.expect(10).wait(), timeout=10)
+    finally:
+        await source.close({})
+    assert handed_at_then == [5]
+    assert handler.offsets == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
 
 
 async def test_at_the_mark_the_source_waits_for_credit_without_pausing() -> None:

@@ -116,21 +116,49 @@ async def test_retriable_calls_are_repeated_and_abortable_ones_abort() -> None:
     assert factory.calls[-1] == "abort"
 
 
-@pytest.mark.parametrize(
-    ("code", "error"),
-    [
-        (KafkaError._FENCED, PublishFatalError),
-        (KafkaError.INVALID_TXN_STATE, ProducerFailedError),
-    ],
-)
-async def test_fatal_errors_are_fencing_or_a_broken_producer(
-    code: int, error: type[PublishError]
-) -> None:
+async def test_a_fatal_error_other_than_a_fence_is_a_broken_producer() -> None:
     factory = Factory()
     publisher = await started(factory)
-    factory.producers[0].fail["commit"] = KafkaError(code, "fatal", fatal=True)
-    with pytest.raises(error):
+    factory.producers[0].fail["commit"] = KafkaError(
+        KafkaError.INVALID_TXN_STATE, "fatal", fatal=True
+    )
+    with pytest.raises(ProducerFailedError):
         await publisher.commit(RECORDS, OFFSETS, object())
+
+
+def fence(producer: FakeProducer) -> None:
+    producer.fail["send_offsets"] = KafkaError(
+        KafkaError._FENCED, "Producer attempted an operation with an old epoch", fatal=True
+    )
+
+
+async def test_fences_count_as_a_broken_producer_until_they_repeat_within_the_window() -> None:
+    # The coordinator bumps the epoch of a transaction that outlived its timeout (a broker
+    # outage): a fence now and then is replaced; fence after fence is another process.
+    factory = Factory()
+    publisher = await started(factory)
+    for _ in range(TransactionalPublisher.FENCES_TOLERATED):
+        fence(factory.producers[-1])
+        with pytest.raises(ProducerFailedError, match="old epoch"):
+            await publisher.commit(RECORDS, OFFSETS, object())
+        await publisher.reset()
+        await publisher.commit(RECORDS, OFFSETS, object())
+        assert factory.calls[-1] == "commit", "the new producer commits"
+
+    fence(factory.producers[-1])
+    with pytest.raises(PublishFatalError, match="old epoch"):
+        await publisher.commit(RECORDS, OFFSETS, object())
+
+
+async def test_fences_older_than_the_window_are_forgotten() -> None:
+    factory = Factory()
+    publisher = await started(factory)
+    publisher.FENCE_WINDOW_S = 0.0  # every earlier fence is out of the window
+    for _ in range(TransactionalPublisher.FENCES_TOLERATED + 2):
+        fence(factory.producers[-1])
+        with pytest.raises(ProducerFailedError):
+            await publisher.commit(RECORDS, OFFSETS, object())
+        await publisher.reset()
 
 
 async def test_a_call_that_never_returns_breaks_the_producer_and_reset_replaces_it() -> None:
