@@ -50,10 +50,11 @@ def threads_cpu_seconds(pid: int, prefix: str) -> float:
     ticks = 0
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            named = (task / "comm").read_text().startswith(prefix)
+            if not (task / "comm").read_text().startswith(prefix):
+                continue
         except OSError:  # the thread ended meanwhile
             continue
-        fields = _stat_fields(task / "stat") if named else None
+        fields = _stat_fields(task / "stat")
         if fields is not None:
             ticks += int(fields[11]) + int(fields[12])
     return ticks / _TICKS
