@@ -14,11 +14,21 @@ from consumer.errors import SuggesterError
 from consumer.settings import Settings
 
 
+def settings_error_text(error: ValidationError) -> str:
+    """One line per invalid setting, naming its environment variable and what is wrong."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        path = [str(part) for part in problem["loc"]]
+        variable = "SUGGESTER_" + "__".join(part.upper() for part in path)
+        lines.append(f"  {variable}: {problem['msg']}")
+    return "\n".join(lines)
+
+
 def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        sys.exit(f"invalid configuration (SUGGESTER_* environment variables):\n{exc}")
+        sys.exit(f"invalid configuration:\n{settings_error_text(exc)}")
 
 
 async def _run_service(settings: Settings) -> None:

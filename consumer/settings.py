@@ -9,6 +9,8 @@ in the package reads `os.environ`.
 from __future__ import annotations
 
 import enum
+import json
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -132,12 +134,53 @@ class FetchSettings(_Section):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
 
-    @field_validator("allowed_hosts", "host_allowlist", mode="before")
+    @field_validator("allowed_hosts", mode="before")
     @classmethod
-    def _split_csv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip().lower() for part in value.split(",") if part.strip())
-        return value
+    def _host_ports(cls, value: Any) -> Any:
+        return _host_list(value, with_port=True)
+
+    @field_validator("host_allowlist", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> Any:
+        return _host_list(value, with_port=False)
+
+
+# A host-list entry: a DNS name or IPv4 address, or an IPv6 address in brackets, with an
+# optional port where ports are allowed.
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[0-9a-f:.]+\])"
+_HOST_ENTRY = re.compile(_HOST)
+_JSON_LIST = re.compile(r"\[\s*[\"\]]")
+_HOST_PORT_ENTRY = re.compile(rf"{_HOST}(?::(?P<port>[0-9]{{1,5}}))?")
+
+
+def _host_list(value: Any, *, with_port: bool) -> Any:
+    """A list of hosts from the environment: comma-separated, or a JSON list of strings.
+
+    Each entry is lower-cased and must have the shape of a host (`host:port` too when
+    `with_port`); a malformed one raises ValueError, so the service stops at start naming
+    the variable instead of refusing every fetch from a host it was meant to allow.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if _JSON_LIST.match(text):  # `[::1]:8090` is an entry, `["::1"]` a JSON list
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list of hosts: {exc}") from None
+        else:
+            value = text.split(",")
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a comma-separated list or a JSON list of strings")
+    entries = tuple(v.strip().lower() for v in value if v.strip())
+    shape = _HOST_PORT_ENTRY if with_port else _HOST_ENTRY
+    for entry in entries:
+        match = shape.fullmatch(entry)
+        port = match.group("port") if match and with_port else None
+        if match is None or (port is not None and not 0 < int(port) < 65536):
+            wanted = "host, host:port, [v6] or [v6]:port" if with_port else "a host name"
+            raise ValueError(f"{entry!r} is not {wanted}")
+    return entries
 
 
 class DecodeSettings(_Section):
