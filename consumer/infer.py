@@ -239,10 +239,12 @@ def _recommended_threshold(model_name: str, config: Mapping[str, Any]) -> float 
         value = math.nan
     if not 0.0 <= value <= 1.0:  # also refuses NaN
         LOGGER.warning(
-            "model %s: ignoring its %s parameter %r, which is not a number in [0, 1]",
-            model_name,
-            THRESHOLD_PARAMETER,
-            text if text is not None else parameter,
+            "ignoring the model's threshold parameter, which is not a number in [0, 1]",
+            extra={
+                "model": model_name,
+                "parameter": THRESHOLD_PARAMETER,
+                "value": repr(text if text is not None else parameter),
+            },
         )
         return None
     return value
@@ -379,14 +381,15 @@ class TritonClassifier:
                 self._info = info
                 self._metrics.model_ready.set(1)
                 LOGGER.info(
-                    "model %s version %s ready: S=%d, C=%d, max batch %d, recommended "
-                    "confidence threshold %s",
-                    info.name,
-                    info.version,
-                    info.image_size,
-                    len(info.labels),
-                    info.max_batch_size,
-                    "none" if info.confidence_threshold is None else info.confidence_threshold,
+                    "model ready",
+                    extra={
+                        "model": info.name,
+                        "version": info.version,
+                        "image_size": info.image_size,
+                        "classes": len(info.labels),
+                        "max_batch_size": info.max_batch_size,
+                        "recommended_threshold": info.confidence_threshold,
+                    },
                 )
                 return info
             self._metrics.model_ready.set(0)
@@ -396,7 +399,7 @@ class TritonClassifier:
                     f"Triton at {self._settings.url} did not get ready to serve model "
                     f"{self._settings.model_name!r} within the start-up deadline: {why}"
                 )
-            LOGGER.info("waiting for Triton at %s: %s", self._settings.url, why)
+            LOGGER.info("waiting for Triton", extra={"url": self._settings.url, "error": why})
             # Triton has no readiness notification; polling with backoff is the only way.
             await asyncio.sleep(min(self._backoff_s(attempt), remaining))
             attempt += 1
@@ -492,13 +495,13 @@ class TritonClassifier:
                 self._metrics.model_ready.set(1)
                 if self._failing:
                     self._failing = False
-                    LOGGER.info("Triton answers again after %d retries", attempt)
+                    LOGGER.info("Triton answers again", extra={"retries": attempt})
                 return probabilities
 
             self._metrics.model_ready.set(0)
             if not self._failing:
                 self._failing = True
-                LOGGER.warning("Triton inference failed, retrying: %s", failure)
+                LOGGER.warning("Triton inference failed, retrying", extra={"error": str(failure)})
             if self._stop.is_set():
                 raise InferenceUnavailableError(
                     f"Triton inference failed and the service is stopping: {failure}"
@@ -544,7 +547,7 @@ class TritonClassifier:
                 )
             )
         except (InferenceServerException, OSError, TimeoutError) as exc:
-            LOGGER.debug("readiness check failed: %s", exc)
+            LOGGER.debug("readiness check failed", extra={"error": str(exc)})
             is_ready = False
         self._metrics.model_ready.set(1 if is_ready else 0)
         return bool(is_ready)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from consumer.errors import InferenceUnavailableError, ModelContractError
 from consumer.infer import ModelInfo, TritonClassifier
+from consumer.logs import JsonFormatter
 from consumer.metrics import Metrics
 from consumer.settings import TritonSettings
 
@@ -265,7 +267,25 @@ async def test_a_recommended_threshold_that_is_not_a_probability_is_ignored_loud
     assert classifier.info.confidence_threshold is None
     assert classifier.info.labels == tuple(LABELS)  # the service still starts
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
-    assert "confidence_threshold" in caplog.text
+    logged = json.loads(JsonFormatter().format(caplog.records[0]))
+    assert logged["parameter"] == "confidence_threshold"
+    assert logged["model"] == "category_classifier"
+
+
+async def test_the_ready_model_is_logged_with_its_facts_as_json_fields(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="consumer.infer"):
+        await connected(metrics)
+    [ready] = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+    assert ready["msg"] == "model ready"
+    assert {k: ready[k] for k in ("model", "version", "image_size", "classes")} == {
+        "model": "category_classifier",
+        "version": "3",
+        "image_size": 112,
+        "classes": len(LABELS),
+    }
+    assert ready["recommended_threshold"] == 0.8125
 
 
 async def test_connect_reads_the_image_size_and_a_smaller_model_batch(metrics: Metrics) -> None:
