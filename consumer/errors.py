@@ -20,8 +20,10 @@ Every failure of a step is one of these. Two kinds matter to the pipeline:
         ├── InferenceUnavailableError stage=infer
         ├── ModelContractError        stage=startup (the served model breaks the contract)
         ├── PublishError              stage=publish
+        │   ├── RecordTooLargeError   the broker refuses the record's size (not retried)
         │   ├── PublishFatalError     the producer cannot go on (fenced repeatedly): stop
         │   └── ProducerFailedError   a transactional producer broke: replace it, rewind
+        ├── KafkaRefusedError         stage=kafka (bad credentials, untrusted certificate): stop
         └── RegistryError             stage=registry (unreachable; or it refused our schema)
 """
 
