@@ -77,6 +77,14 @@ def main(argv: list[str] | None = None) -> None:
         "--wait-s", type=float, default=60.0, help="wait this long for the answers (0: don't)"
     )
 
+    from consumer import ledger
+
+    ledger.add_arguments(
+        commands.add_parser(
+            "ledger", help="check that every input event was answered once (read_committed)"
+        )
+    )
+
     args = parser.parse_args(argv)
     settings = _settings()
     logs.configure(settings.observability.log_level)
@@ -102,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
             wait_s=args.wait_s,
         )
         sys.exit(0 if ok else 1)
+    elif args.command == "ledger":
+        sys.exit(ledger.run(args))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ as out of order. DLQ records live in another topic and take no part in it.
 the current read_committed end of every partition), so a test can poll it while events
 flow; `totals()` summarises. Raises `LedgerError` when the topics cannot be read.
 
-Command line: `python -m consumer.ledger --input T --output T --dlq T [--bootstrap B]
+Command line: `python -m consumer ledger --input T --output T --dlq T [--bootstrap B]
 [--json]` prints the totals and exits 1 when an event was lost or duplicated.
 """
 
@@ -47,10 +47,7 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
-
-# The admin package re-exports OffsetSpec without declaring it; this is its home.
-from confluent_kafka.admin._listoffsets import OffsetSpec
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from consumer.errors import EventDecodeError, RegistryError
 from consumer.events import EventCodec, parse_dlq_headers
