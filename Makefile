@@ -50,14 +50,15 @@ stack: install
 stack-down:
 	test -x $(PY) && $(PY) -m devstack down || rm -rf .stack
 
-# The page runs in the background and stops with the service (Ctrl-C, or the service
-# exiting): a background job of this shell ignores SIGINT, so the EXIT trap ends it.
+# The try-a-photo page runs in the background beside the service and prints its URL.
+# Ctrl-C reaches both (each stops on SIGINT); when the service exits on its own, the EXIT
+# trap stops the page.
 run: install
 	$(PY) -m devstack up
 	export SUGGESTER_FETCH__ALLOWED_HOSTS=$(DEMO_ORIGIN),$(WEB_ORIGIN) \
 	  SUGGESTER_WEB__PORT=$(lastword $(subst :, ,$(WEB_ORIGIN))); \
 	$(PY) -m consumer web & web=$$!; \
-	trap 'kill $$web 2>/dev/null; wait $$web' EXIT; \
+	trap 'kill $$web 2>/dev/null || true; wait $$web || true' EXIT; \
 	$(PY) -m consumer run
 
 lint: $(INSTALLED)

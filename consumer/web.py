@@ -324,7 +324,7 @@ class _Handlers:
             return _error(
                 400,
                 exc.reason,
-                f"the service would not fetch this URL ({exc.reason}): {exc.message}",
+                f"the service would not fetch this URL: {exc.message}",
             )
         return await self._publish(url, upload=None, size=None)
 
