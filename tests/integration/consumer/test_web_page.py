@@ -9,6 +9,7 @@ README shows (docs/web-page.png).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -49,6 +50,22 @@ SCREENSHOT = REPO_ROOT / "docs" / "web-page.png"
 CODEC = EventCodec()
 LIMIT = 2 * 1024 * 1024  # the service's fetch limit in this test, and so the page's
 FINAL_STATES = ("suggested", "dead_lettered", "refused", "timeout")
+
+
+# Drops a file (name, base64 bytes) on the element with the given id, as a user's drag
+# and drop does: dragenter, dragover, drop, carrying a DataTransfer with the file.
+DROP = """
+const [name, data, id] = arguments;
+const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], name));
+const target = document.getElementById(id);
+for (const type of ["dragenter", "dragover", "drop"]) {
+  target.dispatchEvent(
+    new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true}),
+  );
+}
+"""
 
 
 def demo_photos() -> list[tuple[str, bytes]]:
@@ -225,8 +242,11 @@ def test_the_page_shows_what_the_service_published_and_why_it_refused(
         for url in ("http://169.254.169.254/latest/meta-data/", linked):
             url_field.send_keys(url)
             browser.find_element(By.CSS_SELECTOR, "#url-form button").click()
+        # Several photos at once through the file picker, and one dropped on the page.
+        *picked, (dropped, dropped_data) = demo_photos()
+        picker.send_keys("\n".join(str(files / name) for name, _ in picked))
+        browser.execute_script(DROP, dropped, base64.b64encode(dropped_data).decode(), "drop")
         photo_names = [name for name, _ in demo_photos()]
-        picker.send_keys("\n".join(str(files / name) for name in photo_names))
 
         shown = {c.find_element(By.CSS_SELECTOR, ".name").text: c for c in wait_settled(browser, 8)}
         published = read_answers(
