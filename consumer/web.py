@@ -227,6 +227,13 @@ def upload_origin(settings: Settings) -> str:
     return f"[{host}]:{web_settings.port}" if ":" in host else f"{host}:{web_settings.port}"
 
 
+def origin_allowed(settings: Settings) -> bool:
+    """Whether `fetch.allowed_hosts` admits the upload origin (as host:port or as host)."""
+    origin = upload_origin(settings).lower()
+    host = origin.rsplit(":", 1)[0]
+    return origin in settings.fetch.allowed_hosts or host in settings.fetch.allowed_hosts
+
+
 def service_url(settings: Settings) -> str:
     """Base URL of the service's health port (see `WebSettings.service_url`)."""
     if settings.web.service_url:
@@ -383,7 +390,7 @@ class _Handlers:
 
     async def status(self, request: web.Request) -> web.Response:
         readiness = await self._probe.readiness()
-        allowed = self._origin.lower() in self._settings.fetch.allowed_hosts
+        allowed = origin_allowed(self._settings)
         return web.json_response(
             {
                 "service": readiness.service,
@@ -506,6 +513,7 @@ class KafkaAnswers:
         self, settings: Settings, codec: EventCodec, deliver: Callable[[Answer], None]
     ) -> None:
         kafka = settings.kafka
+        self._input_topic = kafka.input_topic
         self._topics = (kafka.output_topic, kafka.dlq_topic)
         self._output_topic = kafka.output_topic
         self._bootstrap = kafka.bootstrap_servers
@@ -526,18 +534,20 @@ class KafkaAnswers:
     def start(self, loop: asyncio.AbstractEventLoop, timeout_s: float = 10.0) -> None:
         """Assign every partition at its end and start reading; answers are handed over
         on `loop`. Blocking. Raises RuntimeError when Kafka does not answer or a topic
-        is missing."""
+        (the input topic included) is missing."""
         self._loop = loop
         assignment: list[TopicPartition] = []
         try:
             metadata = self._consumer.list_topics(timeout=timeout_s)
-            for topic in self._topics:
+            for topic in (self._input_topic, *self._topics):
                 found = metadata.topics.get(topic)
                 if found is None or found.error is not None or not found.partitions:
                     raise RuntimeError(
                         f"topic {topic} does not exist on {self._bootstrap}; start the stack "
                         "(make stack or make run) or set SUGGESTER_KAFKA__*_TOPIC"
                     )
+                if topic == self._input_topic:
+                    continue
                 for partition in found.partitions:
                     tp = TopicPartition(topic, partition)
                     _, end = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)
@@ -642,7 +652,7 @@ async def serve(settings: Settings) -> None:
             site = web.TCPSite(runner, settings.web.host, settings.web.port)
             await site.start()
             origin = upload_origin(settings)
-            if origin.lower() not in settings.fetch.allowed_hosts:
+            if not origin_allowed(settings):
                 log.warning(
                     "the service will refuse uploads: add the upload origin to "
                     "SUGGESTER_FETCH__ALLOWED_HOSTS",

@@ -13,10 +13,12 @@ import base64
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,6 +168,28 @@ def assert_shows_suggestion(card: WebElement, published: CategorySuggestion) -> 
     assert f"fetch {js_round(timings.fetch_ms)} ms" in facts
     assert f"inference {js_round(timings.inference_ms)} ms" in facts
     assert f"total {js_round(timings.total_ms)} ms" in facts
+
+
+def test_the_page_will_not_start_without_its_topics(kafka: KafkaBroker, topics: Topics) -> None:
+    missing = f"pytest_missing_{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUGGESTER_")} | {
+        "SUGGESTER_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "SUGGESTER_KAFKA__INPUT_TOPIC": topics.input,
+        "SUGGESTER_KAFKA__DLQ_TOPIC": topics.dlq,
+        "SUGGESTER_KAFKA__OUTPUT_TOPIC": missing,
+        "SUGGESTER_WEB__PORT": str(free_port()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", "web"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"topic {missing} does not exist on {kafka.bootstrap_servers}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 async def test_the_probe_tells_what_is_missing_from_the_real_triton(triton: TritonServer) -> None:

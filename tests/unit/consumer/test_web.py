@@ -22,7 +22,7 @@ from consumer.events import DlqInfo, ListingImageUploaded
 from consumer.fetch import ImageFetcher
 from consumer.settings import FetchSettings, Settings, WebSettings
 from consumer.tools import Answer
-from consumer.web import PHOTOS, Readiness, create_app
+from consumer.web import PHOTOS, Readiness, create_app, origin_allowed
 from tests.support.images import photo
 from tests.support.kafka import make_suggestion
 
@@ -378,3 +378,14 @@ async def test_status_reports_readiness_and_limits(make_page: MakePage) -> None:
     assert body["max_bytes"] == LIMIT
     assert body["upload_origin"] == ORIGIN
     assert body["upload_origin_allowed"] is True
+
+
+@pytest.mark.parametrize(
+    ("allowed", "expected"),
+    [((ORIGIN,), True), (("127.0.0.1",), True), (("127.0.0.1:8090",), False), ((), False)],
+)
+def test_the_upload_origin_must_be_an_allowed_host(
+    allowed: tuple[str, ...], expected: bool
+) -> None:
+    settings = Settings(fetch=FetchSettings(allowed_hosts=allowed), web=WebSettings(port=8080))
+    assert origin_allowed(settings) is expected
