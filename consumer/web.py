@@ -155,7 +155,7 @@ class Photos:
 
     upload_dir: Path
     ttl_s: float
-    _photos: dict[str, _Photo] = field(default_factory=dict)
+    _photos: dict[str, _Photo] = field(default_factory=dict, init=False)
 
     def expect(self, event_id: str, upload: Path | None) -> _Photo:
         photo = _Photo(
