@@ -211,8 +211,9 @@ async def test_the_answer_is_the_suggestion_for_the_event_and_the_upload_goes(
     page = await make_page()
     accepted = await (await page.upload(photo(2, size=(64, 64)))).json()
     event_id = accepted["event_id"]
-    pending = await page.client.get(f"/api/answers/{event_id}?wait=0")
-    assert await pending.json() == {"state": "pending", "event_id": event_id}
+    for wait in ("0", "-1"):
+        pending = await page.client.get(f"/api/answers/{event_id}?wait={wait}")
+        assert await pending.json() == {"state": "pending", "event_id": event_id}
 
     other = make_suggestion(source_event_id=uuid.uuid4())
     page.photos.deliver(Answer(str(other.source_event_id), "k", suggestion=other))
