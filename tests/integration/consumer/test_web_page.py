@@ -3,14 +3,14 @@
 Debian's Chromium, driven by Selenium through chromedriver, opens the page that
 `python -m consumer web` serves; the service (`python -m consumer run`) runs on the test's
 Kafka topics and Triton. Every answer the page shows is compared with what the service
-published, read from the topics here independently. The run saves the screenshot the
-README shows (docs/web-page.png).
+published, read from the topics here independently; refusals (not an image, a pixel bomb,
+too large, a private address) and a timeout show their reasons. The run saves the
+screenshot the README shows (docs/web-page.png).
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import math
 import os
 import subprocess
@@ -241,6 +241,7 @@ def test_the_page_shows_what_the_service_published_and_why_it_refused(
         }
     )
     page = start_page(page_env, web_port, tmp_path / "web.log")
+    quiet: ServiceProcess | None = None
     try:
         service.wait_ready()
         files = tmp_path / "files"
@@ -319,9 +320,34 @@ def test_the_page_shows_what_the_service_published_and_why_it_refused(
         browser.set_window_size(1280, int(height) + 150)  # the window's frame included
         SCREENSHOT.parent.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(SCREENSHOT))
-        assert json.loads(urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/status").read())[
-            "upload_origin_allowed"
-        ]
+
+        # A second page whose input topic nobody reads: after its answer timeout it says
+        # what is missing, from the service's /readyz (nothing answers there) and Triton.
+        quiet_topic = f"{topics.input}.unread"
+        kafka.create_topics({quiet_topic: 1})
+        quiet_port, nobody = free_port(), f"http://127.0.0.1:{free_port()}"
+        quiet = start_page(
+            page_env
+            | {
+                "SUGGESTER_KAFKA__INPUT_TOPIC": quiet_topic,
+                "SUGGESTER_WEB__PORT": str(quiet_port),
+                "SUGGESTER_WEB__SERVICE_URL": nobody,
+                "SUGGESTER_WEB__ANSWER_TIMEOUT_S": "3",
+                "SUGGESTER_WEB__UPLOAD_DIR": str(tmp_path / "quiet-uploads"),
+            },
+            quiet_port,
+            tmp_path / "quiet.log",
+        )
+        browser.get(f"http://127.0.0.1:{quiet_port}/")
+        browser.find_element(By.ID, "files").send_keys(str(files / photo_names[0]))
+        (card,) = wait_settled(browser, 1)
+        assert card.get_attribute("data-state") == "timeout"
+        message = card.find_element(By.CSS_SELECTOR, ".message").text
+        assert (
+            f"no answer within 3 s: the service is not running (nothing answers at {nobody}/readyz)"
+            in message
+        )
+        assert "Service: not running" in browser.find_element(By.ID, "status").text
     except Exception:
         # What the page showed and what the app logged, for the failure report.
         for card in cards(browser):
@@ -330,3 +356,5 @@ def test_the_page_shows_what_the_service_published_and_why_it_refused(
         raise
     finally:
         page.kill()
+        if quiet is not None:
+            quiet.kill()
