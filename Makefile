@@ -9,11 +9,13 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # Images for `make run`'s demo are served from here; the service may fetch from it.
 DEMO_ORIGIN := 127.0.0.1:8090
+# The try-a-photo page (python -m consumer web); it serves its uploads to the service too.
+WEB_ORIGIN := 127.0.0.1:8080
 
 .PHONY: help install system-deps stack stack-down run test unit lint format train-demo bench bench-soak chaos fuzz clean
 
 help:
-	@echo "make run         start the local stack (Kafka, Triton) and run the service in the foreground"
+	@echo "make run         start the local stack (Kafka, Triton), the service and the try-a-photo page"
 	@echo "make test        install what is missing and run lint and the whole test suite"
 	@echo "make stack       start the local stack in the background; make stack-down stops and wipes it"
 	@echo "make train-demo  train a small model on synthetic photos and serve it"
@@ -28,13 +30,16 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED) system-deps
 
 # Debian packages the tests need: prometheus and promtool (alert rules, dashboard queries),
-# docker-compose (validates docker-compose.yml; no engine is needed for `config`).
+# docker-compose (validates docker-compose.yml; no engine is needed for `config`), chromium
+# and chromedriver (the browser test of the try-a-photo page).
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 system-deps:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
-	  && command -v docker-compose >/dev/null || { \
-	  echo "installing Debian packages prometheus docker-compose"; \
-	  apt-get update -qq && $(APT_INSTALL) prometheus docker-compose >/dev/null; }
+	  && command -v docker-compose >/dev/null \
+	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian packages prometheus docker-compose chromium chromium-driver"; \
+	  apt-get update -qq \
+	  && $(APT_INSTALL) prometheus docker-compose chromium chromium-driver >/dev/null; }
 	@command -v java >/dev/null && command -v mvn >/dev/null || { \
 	  echo "installing Java 17 and Maven"; \
 	  apt-get update -qq && $(APT_INSTALL) openjdk-17-jre-headless maven >/dev/null; }
@@ -45,9 +50,16 @@ stack: install
 stack-down:
 	test -x $(PY) && $(PY) -m devstack down || rm -rf .stack
 
+# The try-a-photo page runs in the background beside the service and prints its URL.
+# Ctrl-C reaches both (each stops on SIGINT); when the service exits on its own, the EXIT
+# trap stops the page.
 run: install
 	$(PY) -m devstack up
-	SUGGESTER_FETCH__ALLOWED_HOSTS=$(DEMO_ORIGIN) $(PY) -m consumer run
+	export SUGGESTER_FETCH__ALLOWED_HOSTS=$(DEMO_ORIGIN),$(WEB_ORIGIN) \
+	  SUGGESTER_WEB__PORT=$(lastword $(subst :, ,$(WEB_ORIGIN))); \
+	$(PY) -m consumer web & web=$$!; \
+	trap 'kill $$web 2>/dev/null || true; wait $$web || true' EXIT; \
+	$(PY) -m consumer run
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

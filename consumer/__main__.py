@@ -1,4 +1,4 @@
-"""Command line: `python -m consumer run | replay-dlq | produce-sample`."""
+"""Command line: `python -m consumer run | web | replay-dlq | produce-sample`."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m consumer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the service until SIGTERM/SIGINT")
+    commands.add_parser(
+        "web", help="serve the try-a-photo page (SUGGESTER_WEB__HOST/PORT) until SIGTERM/SIGINT"
+    )
 
     replay = commands.add_parser(
         "replay-dlq", help="re-publish dead-letter records into the input topic"
@@ -91,6 +94,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "run":
         asyncio.run(_run_service(settings))
+    elif args.command == "web":
+        from consumer.web import serve
+
+        try:
+            asyncio.run(serve(settings))
+        except (RuntimeError, OSError) as exc:
+            sys.exit(f"the page could not start: {exc}")
     elif args.command == "replay-dlq":
         from consumer.tools import replay_dlq
 

@@ -555,6 +555,23 @@ class ImageFetcher:
 
     # -- URL policy ---------------------------------------------------------------------
 
+    async def check(self, url: str) -> None:
+        """Apply the URL policy to `url` without fetching it: what `fetch` checks before
+        its first connection (the URL, the host lists, every address the host resolves
+        to). Raises FetchRefusedError, or FetchFailedError when the host does not resolve.
+        Redirects and the response are checked only by `fetch`.
+        """
+        target = self._parse(url, hop=False)
+        if target.port is None:  # s3: the bucket name is all the policy knows
+            return
+        if target.address is not None:
+            self._resolver.check(target.host, target.port, [target.address])
+            return
+        try:
+            await self._resolver.addresses(target.host, target.port)
+        except _RetryableError as exc:
+            raise FetchFailedError(exc.message, reason=exc.reason, retryable=True) from exc
+
     def _parse(self, url: str, *, hop: bool) -> _Target:
         """Apply the URL policy; `hop` marks a redirect target (http and https only)."""
         if len(url) > self._settings.max_url_length:

@@ -235,6 +235,27 @@ class ObservabilitySettings(_Section):
     log_level: str = "INFO"
 
 
+class WebSettings(_Section):
+    """The try-a-photo page (`python -m consumer web`), a tool beside the service."""
+
+    # Localhost by default: the page publishes events to the service's input topic.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Where the service fetches stored uploads from (host:port, served by the page's own
+    # app under /uploads/); it must be in fetch.allowed_hosts. Unset: host:port above,
+    # 127.0.0.1 when bound to every interface.
+    upload_origin: str | None = None
+    # Unset: a temporary folder, removed on exit. Uploads are deleted once answered and
+    # in any case after upload_ttl_s.
+    upload_dir: str | None = None
+    upload_ttl_s: float = Field(default=600.0, gt=0)
+    # How long the page waits for the service's answer before it says what is missing.
+    answer_timeout_s: float = Field(default=30.0, gt=0)
+    # The service's readiness probe, asked when no answer comes. Unset: observability's
+    # port on 127.0.0.1.
+    service_url: str | None = None
+
+
 class Settings(BaseSettings):
     """All settings of the service."""
 
@@ -255,3 +276,4 @@ class Settings(BaseSettings):
     postprocess: PostprocessSettings = PostprocessSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    web: WebSettings = WebSettings()

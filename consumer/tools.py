@@ -1,6 +1,7 @@
 """Operator tools: replay the dead-letter topic; publish sample events and show the answers.
 
 Both are plain synchronous Kafka clients; they share the service's settings and codec.
+`sample_event` and `read_answer` are shared with the try-a-photo page (consumer/web.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +26,10 @@ from confluent_kafka import (
 )
 
 from consumer.app import DLQ_VALUE_OMITTED_HEADER, make_codec, original_headers
+from consumer.errors import EventDecodeError
 from consumer.events import (
+    CategorySuggestion,
+    DlqInfo,
     EventCodec,
     ListingImageUploaded,
     parse_dlq_headers,
@@ -183,6 +188,47 @@ def _cycle(urls: list[str], count: int) -> Iterator[str]:
         yield urls[i % len(urls)]
 
 
+def sample_event(url: str) -> ListingImageUploaded:
+    """A listing-image-uploaded event for `url`: fresh ids, uploaded now."""
+    return ListingImageUploaded(
+        event_id=uuid.uuid4(),
+        listing_id=f"listing-{uuid.uuid4().hex[:12]}",
+        image_id=f"image-{uuid.uuid4().hex[:12]}",
+        image_url=url,
+        uploaded_at=datetime.now(UTC),
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the service answered to one event: a suggestion, or a dead-letter record."""
+
+    # The answered event's id; None for a DLQ record whose value does not decode.
+    event_id: str | None
+    key: str
+    suggestion: CategorySuggestion | None = None
+    dead_letter: DlqInfo | None = None
+
+
+def read_answer(message: Message, codec: EventCodec, output_topic: str) -> Answer:
+    """The answer in a record of the output topic or of the DLQ.
+
+    A suggestion names its event (`source_event_id`); a DLQ record keeps the event's
+    value unchanged, so its id is read from there. Raises `EventDecodeError` for a
+    suggestion or DLQ headers that do not decode.
+    """
+    key = (message.key() or b"").decode(errors="replace")
+    if message.topic() == output_topic:
+        suggestion = codec.decode_suggestion(message.value())
+        return Answer(str(suggestion.source_event_id), key, suggestion=suggestion)
+    info = parse_dlq_headers(message.headers() or [])
+    try:
+        event_id: str | None = str(codec.decode_uploaded(message.value()).event_id)
+    except EventDecodeError:
+        event_id = None
+    return Answer(event_id, key, dead_letter=info)
+
+
 def produce_sample(
     settings: Settings,
     *,
@@ -217,13 +263,7 @@ def produce_sample(
         producer = Producer(producer_config(settings))
         sent: dict[str, str] = {}
         for url in _cycle(urls, count or len(urls)):
-            event = ListingImageUploaded(
-                event_id=uuid.uuid4(),
-                listing_id=f"listing-{uuid.uuid4().hex[:12]}",
-                image_id=f"image-{uuid.uuid4().hex[:12]}",
-                image_url=url,
-                uploaded_at=datetime.now(UTC),
-            )
+            event = sample_event(url)
             producer.produce(
                 kafka.input_topic, key=event.listing_id.encode(), value=codec.encode_uploaded(event)
             )
@@ -261,15 +301,16 @@ def _print_answers(
         if key not in pending:
             continue
         url = pending.pop(key)
-        if message.topic() == output_topic:
-            s = codec.decode_suggestion(message.value() or b"")
+        answer = read_answer(message, codec, output_topic)
+        if answer.suggestion is not None:
+            s = answer.suggestion
             flag = "confident" if s.confident else "not confident"
             print(
                 f"{key}: {s.category} {s.score:.3f} ({flag}) in {s.timings.total_ms:.0f} ms"
                 f"  <- {url}"
             )
-        else:
-            info = parse_dlq_headers(message.headers() or [])
+        elif answer.dead_letter is not None:
+            info = answer.dead_letter
             print(f"{key}: DLQ stage={info.stage} reason={info.reason}: {info.message}  <- {url}")
     for key, url in pending.items():
         print(f"{key}: no answer within {wait_s:.0f} s  <- {url}")

@@ -374,6 +374,35 @@ async def test_resolver_fault_is_retried(make: Make) -> None:
     assert resolver.calls == ["flaky.example.com"] * 3
 
 
+async def test_check_applies_the_url_policy_without_a_connection(make: Make) -> None:
+    resolver = FakeResolver({"internal.example.com": ["10.1.2.3"], "cdn.example.com": [PUBLIC_IP]})
+    harness = make(resolver=resolver, host_allowlist=("example.com",))
+    cases = {
+        "file:///etc/passwd": "scheme_refused",
+        "http://evil.example.net/a.png": "host_refused",
+        "http://internal.example.com/a.png": "address_refused",
+        "http://169.254.169.254/latest": "host_refused",
+        "http://user:pw@cdn.example.com/a.png": "url_invalid",
+    }
+    for url, reason in cases.items():
+        with pytest.raises(FetchRefusedError) as caught:
+            await harness.fetcher.check(url)
+        assert caught.value.reason == reason, url
+    await harness.fetcher.check("https://cdn.example.com/a.png")
+    await harness.fetcher.check(harness.origin.url())  # allowed_hosts admits the origin
+    assert resolver.calls == ["internal.example.com", "cdn.example.com", "images.example.com"]
+    assert harness.connecting == []
+    assert harness.requests == []
+
+
+async def test_check_of_an_unknown_host_fails(make: Make) -> None:
+    gone = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    harness = make(resolver=FakeResolver({"gone.example.com": gone}))
+    with pytest.raises(FetchFailedError) as caught:
+        await harness.fetcher.check("http://gone.example.com/a.png")
+    assert caught.value.reason == "fetch_failed"
+
+
 # -- allowed_hosts and pinning -----------------------------------------------------------
 
 
