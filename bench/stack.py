@@ -92,8 +92,9 @@ def random_model_onnx(cache_dir: Path) -> Path:
 
 
 def cpu_repository(workdir: Path, onnx: Path) -> Path:
-    """The committed CPU repository plus version 1 = `onnx`, under `workdir`."""
-    from training.model import read_labels
+    """The committed CPU repository plus version 1 = `onnx` (its image size read from the
+    file), under `workdir`."""
+    from training.model import read_labels, read_onnx_contract
     from training.repository import add_version
 
     root = workdir / "model_repository"
@@ -103,7 +104,7 @@ def cpu_repository(workdir: Path, onnx: Path) -> Path:
         CPU_REPOSITORY, root / "cpu", ignore=lambda _d, names: [n for n in names if n.isdigit()]
     )
     labels = read_labels(CPU_REPOSITORY / MODEL_NAME / "labels.txt")
-    add_version(root, "cpu", onnx, labels, image_size=IMAGE_SIZE)
+    add_version(root, "cpu", onnx, labels, image_size=read_onnx_contract(onnx).image_size)
     return root / "cpu"
 
 
