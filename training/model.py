@@ -148,7 +148,7 @@ def build_model(
         logger.warning(
             "RANDOMLY INITIALISED %s (%d classes): no checkpoint or pretrained weights given. "
             "Until it is trained it predicts at chance; serve it only to exercise the pipeline.",
-            arch,
+            ARCH_NAMES[arch],
             num_classes,
         )
         return new_network(arch, num_classes)
