@@ -91,6 +91,21 @@ def random_model_onnx(cache_dir: Path) -> Path:
     return target
 
 
+def cold_start_onnx() -> Path:
+    """The cold-start model `make stack` serves (zero-shot EfficientNet-Lite0, 224 px), as
+    ONNX: built once by training.zero_shot in a child process and cached there."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.model", "--cold-start"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise StackError(f"building the cold-start model failed:\n{result.stderr[-3000:]}")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
 def cpu_repository(workdir: Path, onnx: Path) -> Path:
     """The committed CPU repository plus version 1 = `onnx` (its image size read from the
     file), under `workdir`."""
@@ -302,6 +317,11 @@ class BenchStack:
         return TritonEndpoint(
             server.grpc_url, server.metrics_url, pid, f"local tritonserver ({repository.name})"
         )
+
+    def stop_last_triton(self) -> None:
+        """Stop the tritonserver started last (the others keep running)."""
+        if self._tritons:
+            self._tritons.pop().stop()
 
     def stop_tritons(self) -> None:
         while self._tritons:

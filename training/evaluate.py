@@ -173,9 +173,12 @@ def recommend_threshold(
     """The lowest confidence threshold whose covered images reach `target_accuracy` and,
     given OOD confidences, that marks at most `max_ood_confident` of them confident.
 
-    Candidates are the observed confidences, so the answer is exact on this data. When no
-    threshold meets both, the threshold is 1.0 (nothing is marked confident) and
-    `achieved` is False.
+    Candidates are the observed confidences, so the answer is exact on this data. With
+    OOD photos, the threshold then sits midway in the gap that gives the same numbers here:
+    between the lowest confidence it covers and the highest it must leave out (the next
+    category photo, or the OOD photo over the allowance), so a new photo near either side
+    goes with the nearer one. When no threshold meets both, the threshold is 1.0 (nothing
+    is marked confident) and `achieved` is False.
     """
     order = np.argsort(-confidence, kind="stable")
     sorted_conf = confidence[order]
@@ -187,6 +190,7 @@ def recommend_threshold(
     meeting = is_cut & (accuracy >= target_accuracy)
     ood = ood_confidence if ood_confidence is not None else np.zeros(0)
     allowed = int(np.floor(max_ood_confident * len(ood) + 1e-9))
+    bound = -np.inf
     if allowed < len(ood):
         # At most `allowed` OOD photos may reach the threshold: it must lie above the
         # (allowed + 1)-th highest OOD confidence.
@@ -208,6 +212,11 @@ def recommend_threshold(
         }
     cut = int(found[-1])
     threshold = float(sorted_conf[cut])
+    if ood_confidence is not None:
+        below = float(sorted_conf[cut + 1]) if cut + 1 < len(sorted_conf) else -np.inf
+        excluded = max(below, bound)
+        if np.isfinite(excluded):
+            threshold = (threshold + excluded) / 2
     return {
         "threshold": threshold,
         "achieved": True,

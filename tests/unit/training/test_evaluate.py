@@ -94,13 +94,15 @@ def test_the_threshold_also_keeps_out_of_category_photos_below_it() -> None:
     assert recommend_threshold(confidence, correct, 0.9)["threshold"] == 0.6
     ood = np.array([0.3, 0.85, 0.4, 0.2])
     got = recommend_threshold(confidence, correct, 0.9, ood_confidence=ood)
-    assert got["threshold"] == 0.9
+    # Covers 0.99, 0.95, 0.9; must leave out 0.85 (OOD): midway between 0.9 and 0.85.
+    assert got["threshold"] == pytest.approx(0.875)
     assert got["coverage"] == 0.6
     assert got["ood_confident"] == 0.0
-    # A quarter may be confident: 0.85 is allowed, 0.4 is not.
+    # A quarter may be confident: 0.85 is allowed, 0.4 is not; 0.6 is the lowest photo.
     loose = recommend_threshold(confidence, correct, 0.9, ood_confidence=ood,
                                 max_ood_confident=0.25)  # fmt: skip
-    assert (loose["threshold"], loose["ood_confident"]) == (0.6, 0.25)
+    assert loose["threshold"] == pytest.approx(0.5)
+    assert (loose["coverage"], loose["ood_confident"]) == (1.0, 0.25)
     # OOD photos more confident than every category photo: nothing can be confident.
     hopeless = recommend_threshold(confidence, correct, 0.9, ood_confidence=np.ones(4))
     assert (hopeless["achieved"], hopeless["threshold"]) == (False, 1.0)
