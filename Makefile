@@ -18,7 +18,7 @@ help:
 	@echo "make run         start the local stack (Kafka, Triton), the service and the try-a-photo page"
 	@echo "make test        install what is missing and run lint and the whole test suite"
 	@echo "make stack       start the local stack in the background; make stack-down stops and wipes it"
-	@echo "make train-demo  train a small model on synthetic photos and serve it"
+	@echo "make train-demo  fine-tune EfficientNet-Lite0 on the committed real photos and serve it"
 	@echo "make bench       benchmark the service against a naive consumer and Triton's ceiling"
 
 $(INSTALLED): pyproject.toml
@@ -85,8 +85,10 @@ fuzz: install
 unit: $(INSTALLED)
 	$(PY) -m pytest tests/unit
 
-# Synthetic photos -> prepare -> train 3 epochs on the CPU -> evaluate -> export a new
-# version into model_repository/{cpu,gpu}; a running Triton (make stack) picks it up.
+# The committed real photos (training/photos) -> prepare -> fine-tune EfficientNet-Lite0 from
+# its ImageNet weights, backbone frozen but its last stage, 3 epochs at 224 px on the CPU ->
+# evaluate on the held-out 30% -> export a new version into model_repository/{cpu,gpu}; a
+# running Triton (make stack) picks it up.
 train-demo: install
 	$(PY) -m training demo --out runs/demo
 

@@ -49,6 +49,7 @@ from bench.stack import (
     REPO_ROOT,
     BenchStack,
     TritonEndpoint,
+    cold_start_onnx,
     cpu_repository,
     identity_repository,
     random_model_onnx,
@@ -181,6 +182,10 @@ def _commit() -> str:
         check=False,
     )
     return result.stdout.strip() or "unknown"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -332,6 +337,8 @@ class Bench:
             )
             if "ceiling" in phases:
                 self._ceiling(triton, [origin_dir / p.name for p in photos])
+                if self._measures_the_default_model():
+                    self._cold_start(stack, workdir)
             if "naive" in phases:
                 self.runs["naive"] = run_backlog(
                     ctx, "naive", "naive", events=mode.naive_events, max_seconds=mode.naive_s
@@ -362,10 +369,59 @@ class Bench:
         self.say("triton: starting the CPU repository (Python backend, onnxruntime)")
         return stack.start_triton(repository, "model")
 
+    def _measures_the_default_model(self) -> bool:
+        """Whether the model phases serve the random ResNet-34 at 112 px on a local CPU
+        Triton: the reference the cold-start model's cost is compared with."""
+        args = self.args
+        return args.profile == "cpu" and not (args.triton_url or args.repository or args.onnx)
+
+    def _cold_start(self, stack: BenchStack, workdir: Path) -> None:
+        """Triton CPU per image of the cold-start model at the reference's best point."""
+        say, mode = self.say, self.mode
+        assert self.ceiling is not None
+        best = self.ceiling["triton_best"]
+        say("[ceiling] cold-start model: building (cached after the first run) and serving it")
+        repository = cpu_repository(workdir / "cold-start", cold_start_onnx())
+        triton = stack.start_triton(repository, "cold-start")
+        try:
+            size = ceil.served_image_size(triton.grpc_url)
+            point = ceil.triton_ceiling(
+                triton.grpc_url,
+                triton.metrics_url,
+                triton.pid,
+                size=size,
+                points=[(best["batch"], best["concurrency"])],
+                seconds=mode.triton_s,
+                progress=say,
+            )[0]
+        finally:
+            stack.stop_last_triton()
+        reference = best["triton_cpu_ms_per_image"]
+        measured = point.triton_cpu_ms_per_image
+        ratio = measured / reference if measured is not None and reference else None
+        self.ceiling["cold_start"] = {
+            "model": "zero-shot EfficientNet-Lite0 (make stack's cold-start model)",
+            "image_size": size,
+            "point": ceil.as_dict(point),
+            "reference": f"random ResNet-34 at {IMAGE_SIZE} px",
+            "reference_cpu_ms_per_image": reference,
+            "cpu_ratio": ratio,
+            "max_cpu_ratio": ceil.COLD_START_MAX_CPU_RATIO,
+        }
+        shown = "n/a" if ratio is None else f"{ratio:.2f}x"
+        say(
+            f"[ceiling] cold-start model ({size} px): {point.images_per_s:.1f} images/s, "
+            f"Triton CPU {_ms(measured)} ms/image vs ResNet-34 at {IMAGE_SIZE} px "
+            f"{_ms(reference)} ms/image: {shown} (target <= "
+            f"{ceil.COLD_START_MAX_CPU_RATIO:g}x)"
+        )
+
     def _ceiling(self, triton: TritonEndpoint, paths: list[Path]) -> None:
         say, mode = self.say, self.mode
+        # The served model's S: preprocessing and requests must fit it.
+        size = ceil.served_image_size(triton.grpc_url)
         say(f"[ceiling] decode alone: {mode.decode_s:g} s on every core")
-        decode = ceil.decode_ceiling(paths, size=IMAGE_SIZE, seconds=mode.decode_s)
+        decode = ceil.decode_ceiling(paths, size=size, seconds=mode.decode_s)
         say(
             f"[ceiling] decode alone: {decode.images_per_s:.1f} images/s "
             f"({decode.processes} processes, {decode.cpu_ms_per_image:.2f} CPU ms/image)"
@@ -375,7 +431,7 @@ class Bench:
             triton.grpc_url,
             triton.metrics_url,
             triton.pid,
-            size=IMAGE_SIZE,
+            size=size,
             points=mode.triton_points,
             seconds=mode.triton_s,
             progress=say,

@@ -275,6 +275,18 @@ def markdown(
             f"({ceiling['decode']['cpu_ms_per_image']:.2f} CPU ms/image). "
             f"Combined bound {ceiling['bound_formula']} = {ceiling['bound']:.1f}/s.\n",
         ]
+        cold = ceiling.get("cold_start")
+        if cold:
+            ratio = cold["cpu_ratio"]
+            parts.append(
+                f"\nCold-start model ({cold['model']}, {cold['image_size']} px) at batch "
+                f"{cold['point']['batch']} x {cold['point']['concurrency']}: "
+                f"{cold['point']['images_per_s']:.1f} images/s, Triton CPU "
+                f"{_fmt(cold['point']['triton_cpu_ms_per_image'], 2)} ms/image against "
+                f"{_fmt(cold['reference_cpu_ms_per_image'], 2)} for the {cold['reference']}: "
+                f"{'n/a' if ratio is None else f'{ratio:.2f}x'} (target at most "
+                f"{cold['max_cpu_ratio']:g}x).\n"
+            )
     staged = [r for r in runs if r.stages_ms]
     if staged:
         rows = "\n".join(

@@ -91,9 +91,25 @@ def random_model_onnx(cache_dir: Path) -> Path:
     return target
 
 
+def cold_start_onnx() -> Path:
+    """The cold-start model `make stack` serves (zero-shot EfficientNet-Lite0, 224 px), as
+    ONNX: built once by training.zero_shot in a child process and cached there."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.model", "--cold-start"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise StackError(f"building the cold-start model failed:\n{result.stderr[-3000:]}")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
 def cpu_repository(workdir: Path, onnx: Path) -> Path:
-    """The committed CPU repository plus version 1 = `onnx`, under `workdir`."""
-    from training.model import read_labels
+    """The committed CPU repository plus version 1 = `onnx` (its image size read from the
+    file), under `workdir`."""
+    from training.model import read_labels, read_onnx_contract
     from training.repository import add_version
 
     root = workdir / "model_repository"
@@ -103,7 +119,7 @@ def cpu_repository(workdir: Path, onnx: Path) -> Path:
         CPU_REPOSITORY, root / "cpu", ignore=lambda _d, names: [n for n in names if n.isdigit()]
     )
     labels = read_labels(CPU_REPOSITORY / MODEL_NAME / "labels.txt")
-    add_version(root, "cpu", onnx, labels, image_size=IMAGE_SIZE)
+    add_version(root, "cpu", onnx, labels, image_size=read_onnx_contract(onnx).image_size)
     return root / "cpu"
 
 
@@ -301,6 +317,11 @@ class BenchStack:
         return TritonEndpoint(
             server.grpc_url, server.metrics_url, pid, f"local tritonserver ({repository.name})"
         )
+
+    def stop_last_triton(self) -> None:
+        """Stop the tritonserver started last (the others keep running)."""
+        if self._tritons:
+            self._tritons.pop().stop()
 
     def stop_tritons(self) -> None:
         while self._tritons:

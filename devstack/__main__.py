@@ -1,7 +1,8 @@
 """`python -m devstack up | down | status`: the local stack behind `make stack` and `make run`.
 
 up: Kafka on localhost:9092 (topics created), Triton on 8000 (HTTP), 8001 (gRPC) and
-8002 (metrics) serving model_repository/cpu (a model is built first if none exists).
+8002 (metrics) serving model_repository/cpu. When it has no model version yet, the zero-shot
+cold-start model (training/zero_shot.py) is built first, about a minute the first time.
 Servers run detached; their state and logs live in .stack/ until `down` removes it.
 """
 
@@ -51,9 +52,11 @@ def up() -> None:
     kafka.create_topics(TOPICS)
     print(f"kafka: ready on {kafka.bootstrap_servers}; topics {', '.join(TOPICS)}")
 
-    from training.repository import bootstrap
+    from training.repository import bootstrap, served_description
 
-    bootstrap(REPO_ROOT / "model_repository")
+    served = bootstrap(REPO_ROOT / "model_repository")
+    description = served_description(REPO_ROOT / "model_repository", "cpu")
+    print(f"model: version {served['cpu']}: {description or 'no description in its config'}")
 
     triton = _triton()
     if triton.is_running():

@@ -36,6 +36,7 @@ class ServedModel:
     labels: list[str]
     image_size: int
     version: int
+    confidence_threshold: float
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,13 @@ def kafka(stack_dir: Path) -> Iterator[KafkaBroker]:
 
 @pytest.fixture(scope="session")
 def served_model(stack_dir: Path) -> ServedModel:
-    """A CPU model repository with one version of a seeded, randomly initialised model."""
-    import torch
+    """A CPU model repository serving the zero-shot cold-start model, as `make stack` does.
 
-    from training.model import build_model, export_onnx, read_labels
-    from training.repository import add_version
+    Built once per machine and cached (training/zero_shot.py): seconds after the first run.
+    """
+    from training.model import read_labels, read_onnx_contract
+    from training.repository import CONFIDENCE_THRESHOLD_PARAMETER, add_version
+    from training.zero_shot import zero_shot_onnx
 
     repository = stack_dir / "model_repository"
     # The committed configs only: versions built locally (numbered folders) stay behind.
@@ -79,19 +82,13 @@ def served_model(stack_dir: Path) -> ServedModel:
         ignore=lambda _dir, names: [n for n in names if n.isdigit()],
     )
     labels = read_labels(CPU_REPOSITORY / "category_classifier" / "labels.txt")
-    torch.manual_seed(0)
-    classifier = build_model(len(labels))
-    # Fresh batch-norm statistics make a random ResNet answer one class with certainty;
-    # two passes in train mode give it spread-out, image-dependent scores instead.
-    classifier.train()
-    with torch.no_grad():
-        for _ in range(2):
-            classifier(torch.randn(8, 3, 112, 112))
-    classifier.eval()
-    onnx_path = stack_dir / "model.onnx"
-    export_onnx(classifier, onnx_path, image_size=112)
-    version = add_version(repository, "cpu", onnx_path, labels, image_size=112)
-    return ServedModel(repository / "cpu", onnx_path, labels, 112, version)
+    onnx_path, parameters = zero_shot_onnx(labels)
+    size = read_onnx_contract(onnx_path).image_size
+    version = add_version(
+        repository, "cpu", onnx_path, labels, image_size=size, parameters=parameters
+    )
+    threshold = float(parameters[CONFIDENCE_THRESHOLD_PARAMETER])
+    return ServedModel(repository / "cpu", onnx_path, labels, size, version, threshold)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,9 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training.errors import TrainingError
+from training.evaluate import DEFAULT_MAX_OOD_CONFIDENT, SPLIT_CHOICES, SUMMARY_NAME
+from training.model import ARCHS, DEFAULT_ARCH
+from training.zero_shot import PHOTOS
 
 log = logging.getLogger("training")
 
@@ -59,12 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     t = commands.add_parser(
         "train",
         parents=[common],
-        help="fine-tune ResNet-34 on a prepared manifest",
+        help="fine-tune ResNet-34 or EfficientNet-Lite0 on a prepared manifest",
         description="Writes OUT/best.pt (best validation accuracy), last.pt (resumable), "
-        "history.json, labels.txt.",
+        "history.json, labels.txt. A class named out_of_category is trained and then folded "
+        "away at export (photos of no category are not marked confident).",
     )
     t.add_argument("--data", type=Path, required=True, help="folder that prepare wrote")
     t.add_argument("--out", type=Path, required=True, help="run folder")
+    t.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default=DEFAULT_ARCH,
+        help="resnet34 (default; ImageNet weights from torchvision) or efficientnet_lite0 "
+        "(ImageNet weights installed with the project: works offline)",
+    )
+    t.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="train only the last stage and the head (fast on a CPU)",
+    )
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=0.01, help="initial learning rate")
@@ -75,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--weights",
         default="imagenet",
-        help="imagenet (torchvision, default), none, or a path to a .pth state_dict",
+        help="imagenet (default), none (from scratch, on purpose), or a path to a .pth "
+        "state_dict of the architecture",
     )
     t.add_argument("--crop-scale", type=float, default=0.35, help="min area of random crops")
     t.add_argument("--no-flip", action="store_true", help="no horizontal flips")
@@ -93,15 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
     e = commands.add_parser(
         "evaluate",
         parents=[common],
-        help="metrics, confusion matrix, calibration, confidence threshold",
+        help="metrics, confusion matrix, calibration, out-of-category, confidence threshold",
         description="Writes report.json, summary.md, confusion_matrix.{png,txt}, "
         "predictions.csv and threshold.json into OUT (default: beside the checkpoint).",
     )
-    e.add_argument("--checkpoint", type=Path, required=True, help="best.pt of a run")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", type=Path, help="best.pt of a run")
+    which.add_argument(
+        "--model",
+        choices=("zero-shot",),
+        help="zero-shot: the cold-start model (EfficientNet-Lite0 ImageNet classes mapped "
+        "to the categories)",
+    )
     e.add_argument("--data", type=Path, required=True, help="folder that prepare wrote")
     e.add_argument("--out", type=Path, help="default: <checkpoint folder>/eval")
-    e.add_argument("--split", default="val", choices=("val", "train"))
-    e.add_argument("--target-accuracy", type=float, default=0.95)
+    e.add_argument("--split", default="val", choices=SPLIT_CHOICES)
+    e.add_argument(
+        "--ood",
+        type=Path,
+        help="folder of photos of none of the categories (out_of_category photos of the "
+        "split count as well)",
+    )
+    e.add_argument("--target-accuracy", type=float, default=0.95, help="confident precision")
+    e.add_argument(
+        "--max-ood-confident",
+        type=float,
+        default=DEFAULT_MAX_OOD_CONFIDENT,
+        help="largest share of out-of-category photos marked confident (default 0.05)",
+    )
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--device", default="auto")
@@ -135,15 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
     d = commands.add_parser(
         "demo",
         parents=[common],
-        help="synthetic data -> prepare -> train -> evaluate -> export, on CPU in minutes",
+        help="real photos -> prepare -> train -> evaluate -> export, on a CPU in minutes",
+        description="Fine-tunes EfficientNet-Lite0 (ImageNet weights, backbone frozen but its "
+        "last stage) on the committed real photos (training/photos), evaluates on the "
+        "held-out 30%% and exports a new version.",
     )
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--photos", type=Path, default=PHOTOS, help="one folder per category")
+    d.add_argument(
+        "--synthetic", action="store_true", help="synthetic drawings instead (for tests)"
+    )
     d.add_argument("--repository", type=Path, default=Path("model_repository"))
     d.add_argument("--no-export", action="store_true", help="stop after evaluate")
-    d.add_argument("--per-class", type=int, default=40)
+    d.add_argument("--per-class", type=int, default=40, help="synthetic photos per class")
     d.add_argument("--epochs", type=int, default=3)
-    d.add_argument("--image-size", type=int, default=112)
-    d.add_argument("--weights", default="imagenet", help="imagenet (if reachable) or none")
+    d.add_argument("--image-size", type=int, default=224)
+    d.add_argument("--arch", choices=ARCHS, default="efficientnet_lite0")
+    d.add_argument("--weights", default="imagenet", help="imagenet or none")
+    d.add_argument("--train-all", action="store_true", help="train the whole backbone (slower)")
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--seed", type=int, default=0)
     return parser
@@ -183,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
             TrainConfig(
                 manifest=args.data,
                 out=args.out,
+                arch=args.arch,
+                freeze_backbone=args.freeze_backbone,
                 epochs=args.epochs,
                 batch_size=args.batch_size,
                 lr=args.lr,
@@ -215,15 +262,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "evaluate":
-        from training.evaluate import SUMMARY_NAME, evaluate
+        from training.evaluate import evaluate
+        from training.train import Checkpoint
 
-        out = args.out or args.checkpoint.parent / "eval"
+        model: Path | Checkpoint
+        if args.model == "zero-shot":
+            from training.zero_shot import zero_shot_checkpoint
+
+            model = zero_shot_checkpoint()
+            out = args.out or Path("runs") / "zero-shot" / "eval"
+        else:
+            model = args.checkpoint
+            out = args.out or args.checkpoint.parent / "eval"
         evaluation = evaluate(
-            args.checkpoint,
+            model,
             args.data,
             out,
             split=args.split,
+            ood=args.ood,
             target_accuracy=args.target_accuracy,
+            max_ood_confident=args.max_ood_confident,
             batch_size=args.batch_size,
             workers=args.workers,
             device=args.device,
@@ -269,22 +327,29 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "demo":
-        from training.synthetic import demo
+        from training.demo import demo
 
         outcome = demo(
             args.out,
+            photos=args.photos,
+            synthetic=args.synthetic,
             repo_root=None if args.no_export else args.repository,
+            arch=args.arch,
+            weights=args.weights,
+            freeze_backbone=not args.train_all,
             per_class=args.per_class,
             epochs=args.epochs,
             image_size=args.image_size,
-            weights=args.weights,
             workers=args.workers,
             seed=args.seed,
             progress=progress,
         )
+        summary = outcome.evaluation.out / SUMMARY_NAME
+        print(summary.read_text())
         print(
-            f"demo: validation accuracy {outcome.evaluation.accuracy:.4f}, "
-            f"threshold {outcome.evaluation.threshold:.4f}; run in {args.out}"
+            f"demo: held-out accuracy {outcome.evaluation.accuracy:.4f}, "
+            f"threshold {outcome.evaluation.threshold:.4f}, {outcome.seconds:.0f} s; "
+            f"run in {args.out}"
         )
         if outcome.export is not None:
             print(f"exported version {outcome.export.version} into {args.repository}")

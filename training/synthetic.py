@@ -8,9 +8,8 @@ frame for motorcycle), placed, sized and tinted at random over a noisy backgroun
 network must learn something, yet a few epochs on a CPU suffice. Sizes and aspect ratios
 vary to exercise the resizing. The same seed gives the same files.
 
-`demo(out, ...)` runs the whole workflow on them: generate -> prepare -> train -> evaluate
--> export into the Triton repositories, and returns a `DemoResult`. It raises what the
-steps raise.
+They exist for tests, which need many classes of images quickly; `python -m training demo
+--synthetic` trains on them too, the real demo on the committed photos (training/demo.py).
 """
 
 from __future__ import annotations
@@ -18,19 +17,13 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from training.data import Augment
-from training.evaluate import Evaluation, evaluate
-from training.export import DEFAULT_REPOSITORY, ExportResult, export
 from training.model import DEFAULT_LABELS
-from training.prepare import prepare
-from training.train import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -152,53 +145,3 @@ def generate(
         for n in range(per_class):
             draw_image(label, rng).save(folder / f"{n:04d}.jpg", quality=90)
     return out
-
-
-@dataclass(frozen=True)
-class DemoResult:
-    training: TrainResult
-    evaluation: Evaluation
-    export: ExportResult | None
-
-
-def demo(
-    out: Path,
-    *,
-    repo_root: Path | None = DEFAULT_REPOSITORY,
-    per_class: int = 40,
-    image_size: int = 112,
-    epochs: int = 3,
-    batch_size: int = 8,
-    lr: float = 0.01,
-    weights: str = "imagenet",
-    workers: int = 2,
-    seed: int = 0,
-    progress: bool = True,
-) -> DemoResult:
-    """generate -> prepare -> train -> evaluate -> export (skipped when repo_root is None)."""
-    raw = generate(out / "raw", per_class=per_class, seed=seed)
-    data = out / "data"
-    report = prepare(raw, data, stored_size=max(image_size, 128), seed=seed, progress=progress)
-    log.info("prepared:\n%s", report.summary())
-    run = out / "train"
-    trained = train(
-        TrainConfig(
-            manifest=data,
-            out=run,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            image_size=image_size,
-            weights=weights,
-            # Colour is what tells these classes apart; keep hue jitter out of the way.
-            augment=Augment(crop_scale=(0.6, 1.0), hue=0.0),
-            workers=workers,
-            seed=seed,
-            progress=progress,
-        )
-    )
-    evaluation = evaluate(trained.best_checkpoint, data, run / "eval", progress=progress)
-    exported = None
-    if repo_root is not None:
-        exported = export(trained.best_checkpoint, run / "eval", repo_root=repo_root)
-    return DemoResult(training=trained, evaluation=evaluation, export=exported)

@@ -1,10 +1,18 @@
-"""Train: a prepared manifest -> a fine-tuned ResNet-34 checkpoint.
+"""Train: a prepared manifest -> a fine-tuned ResNet-34 or EfficientNet-Lite0 checkpoint.
 
 Takes a `TrainConfig` (the manifest folder that `prepare` wrote, an output folder and the
-hyper-parameters). Trains torchvision's ResNet-34, starting from ImageNet weights when they
-can be had (torchvision's weights API, or a local file given by path) and from scratch
-otherwise, with a loud warning. SGD with momentum, exponential learning-rate decay per
-epoch; mixed precision and channels-last memory on a GPU.
+hyper-parameters). Trains torchvision's ResNet-34 (`arch="resnet34"`, the default) starting
+from ImageNet weights (torchvision's weights API, or a local file given by path), or
+EfficientNet-Lite0 (`arch="efficientnet_lite0"`) from the ImageNet weights installed with
+the project, which need no network. When ResNet-34's weights cannot be had, training stops
+and says how to go on (the offline backbone, or `weights="none"` to train from scratch on
+purpose); it never falls back to random weights by itself. `freeze_backbone` trains only
+the last stage and the head (minutes on a CPU). SGD with momentum, exponential
+learning-rate decay per epoch; mixed precision and channels-last memory on a GPU.
+
+A manifest class named `out_of_category` (training.model.BACKGROUND_LABEL) is trained like
+any other and folded away at export: its probability is spread over the categories, so
+photos of none of them are not marked confident.
 
 Writes into `out`:
 - `best.pt`: the weights of the epoch with the best validation accuracy, with the labels,
@@ -29,7 +37,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,12 +62,22 @@ from training.data import (
     train_transform,
 )
 from training.errors import CheckpointError, DataError
-from training.model import build_model, write_labels
+from training.model import (
+    ARCH_NAMES,
+    DEFAULT_ARCH,
+    Arch,
+    ServingModel,
+    background_fold,
+    build_model,
+    check_arch,
+    new_network,
+    served_labels,
+    write_labels,
+)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT: Final = "category-suggester/resnet34-checkpoint/1"
-ARCH: Final = "resnet34"
 BEST_NAME: Final = "best.pt"
 LAST_NAME: Final = "last.pt"
 HISTORY_NAME: Final = "history.json"
@@ -67,10 +85,13 @@ HISTORY_NAME: Final = "history.json"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on. `weights` is "imagenet", "none" or a path."""
+    """Everything a training run depends on. `weights` is "imagenet", "none" or a path;
+    `arch` one of training.model.ARCHS."""
 
     manifest: Path
     out: Path
+    arch: str = DEFAULT_ARCH
+    freeze_backbone: bool = False
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.01
@@ -120,12 +141,22 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A trained classifier as evaluate and export need it."""
+    """A classifier as evaluate and export need it.
+
+    `labels` are the categories served, in output order; `fold` maps the classifier's
+    classes onto them (None: one output per category); see training.model.ServingModel.
+    """
 
     classifier: nn.Module
     labels: list[str]
     image_size: int
     meta: dict[str, Any]
+    arch: Arch = DEFAULT_ARCH
+    fold: torch.Tensor | None = None
+
+    def serving_model(self) -> ServingModel:
+        """The graph export writes: uint8 pixels in, category probabilities out."""
+        return ServingModel(self.classifier, arch=self.arch, fold=self.fold)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,38 +185,57 @@ def _loud(message: str) -> None:
     log.warning("\n%s\n%s\n%s", bar, message, bar)
 
 
-def initial_model(weights: str, num_classes: int) -> tuple[nn.Module, str]:
+# The classifier head of each architecture, replaced for a new set of classes.
+_HEAD_PREFIX: Final[dict[Arch, str]] = {"resnet34": "fc.", "efficientnet_lite0": "_fc."}
+# What `freeze_backbone` leaves trainable: the last stage and the head.
+_TRAINABLE_PREFIXES: Final[dict[Arch, tuple[str, ...]]] = {
+    "resnet34": ("layer4.", "fc."),
+    "efficientnet_lite0": ("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.", "_fc."),
+}
+
+
+def initial_model(
+    weights: str, num_classes: int, arch: Arch = DEFAULT_ARCH
+) -> tuple[nn.Module, str]:
     """The starting network and a description of where its weights came from.
 
-    "imagenet": torchvision's weights API, falling back to random initialisation (loudly)
-    when they cannot be downloaded; "none": random initialisation; a path: a torchvision
-    ImageNet state_dict (its 1000-way head is replaced) or one of our checkpoints with the
-    same classes (fine-tuning goes on from it).
+    "imagenet": ResNet-34 through torchvision's weights API, EfficientNet-Lite0 from the
+    installed weights package; "none": random initialisation (loudly); a path: an ImageNet
+    state_dict of `arch` (its 1000-way head is replaced) or one of our checkpoints with the
+    same classes (fine-tuning goes on from it). Raises CheckpointError when ImageNet
+    weights cannot be had, naming the ways on: it never trains from scratch unasked.
     """
     if weights == "none":
         _loud("Training FROM SCRATCH (--weights none): expect far lower accuracy than transfer.")
-        return _zero_init_residual(build_model(num_classes, weights=None)), "random initialisation"
+        scratch = build_model(num_classes, arch=arch, weights=None)
+        return _zero_init_residual(scratch), "random initialisation"
+    if weights == "imagenet" and arch == "efficientnet_lite0":
+        try:
+            return build_model(num_classes, arch=arch, weights="imagenet"), "ImageNet (installed)"
+        except FileNotFoundError as exc:
+            raise CheckpointError(str(exc)) from exc
     if weights == "imagenet":
         try:
-            return build_model(num_classes, weights="imagenet"), "ImageNet (torchvision)"
+            model = build_model(num_classes, arch=arch, weights="imagenet")
         # URLError (no network) is an OSError; torch.hub raises RuntimeError for a file
         # whose hash does not match.
         except (OSError, RuntimeError) as exc:
-            _loud(
-                f"ImageNet weights are not available ({exc}).\n"
-                "Training FROM SCRATCH: expect far lower accuracy than transfer learning.\n"
-                "Give a local copy with --weights /path/to/resnet34-b627a593.pth to fix this."
-            )
-            scratch = _zero_init_residual(build_model(num_classes, weights=None))
-            return scratch, "random initialisation (no ImageNet)"
-    return _from_file(Path(weights), num_classes), f"file {weights}"
+            raise CheckpointError(
+                f"ResNet-34's ImageNet weights are not available ({exc}). Give a local copy "
+                "with --weights /path/to/resnet34-b627a593.pth, or train the offline backbone "
+                "with --arch efficientnet_lite0 (its ImageNet weights are installed), or train "
+                "from scratch on purpose with --weights none (far lower accuracy)."
+            ) from exc
+        return model, "ImageNet (torchvision)"
+    return _from_file(Path(weights), num_classes, arch), f"file {weights}"
 
 
 def _zero_init_residual(model: nn.Module) -> nn.Module:
     """Start every residual block as the identity (its last batch-norm scale at zero).
 
     From scratch this trains markedly faster and more stably (Goyal et al., 2017); it is
-    torchvision's `zero_init_residual`, applied after the model is built.
+    torchvision's `zero_init_residual`, applied after the model is built. EfficientNet's
+    blocks end in a projection without activation and are left as they are.
     """
     for block in model.modules():
         if isinstance(block, torchvision.models.resnet.BasicBlock):
@@ -193,7 +243,7 @@ def _zero_init_residual(model: nn.Module) -> nn.Module:
     return model
 
 
-def _from_file(path: Path, num_classes: int) -> nn.Module:
+def _from_file(path: Path, num_classes: int, arch: Arch) -> nn.Module:
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
     try:
@@ -203,27 +253,41 @@ def _from_file(path: Path, num_classes: int) -> nn.Module:
     state = loaded
     if isinstance(loaded, Mapping):
         state = loaded.get("model_state", loaded.get("state_dict", loaded))
-    if not isinstance(state, Mapping) or "fc.weight" not in state:
-        raise CheckpointError(f"{path} holds no ResNet state_dict")
-    model: nn.Module = torchvision.models.resnet34(weights=None, num_classes=num_classes)
-    head = state["fc.weight"]
-    if isinstance(head, torch.Tensor) and head.shape[0] == num_classes:
+    head = _HEAD_PREFIX[arch]
+    if not isinstance(state, Mapping) or f"{head}weight" not in state:
+        raise CheckpointError(f"{path} holds no {ARCH_NAMES[arch]} state_dict")
+    model = new_network(arch, num_classes)
+    head_weight = state[f"{head}weight"]
+    if isinstance(head_weight, torch.Tensor) and head_weight.shape[0] == num_classes:
         body = dict(state)
     else:
         # An ImageNet (or other-task) backbone: keep everything but the head, which stays
         # freshly initialised for our classes.
-        body = {key: value for key, value in state.items() if not key.startswith("fc.")}
+        body = {key: value for key, value in state.items() if not key.startswith(head)}
     try:
         missing, unexpected = model.load_state_dict(body, strict=False)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit ResNet-34: {exc}") from exc
-    if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+        raise CheckpointError(f"{path} does not fit {ARCH_NAMES[arch]}: {exc}") from exc
+    if unexpected or set(missing) - {f"{head}weight", f"{head}bias"}:
         raise CheckpointError(
-            f"{path} does not fit ResNet-34: missing {sorted(missing)[:5]}, "
+            f"{path} does not fit {ARCH_NAMES[arch]}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    log.info("ResNet-34 weights from %s (%s head)", path, "new" if missing else "its own")
+    log.info("%s weights from %s (%s head)", arch, path, "new" if missing else "its own")
     return model
+
+
+def freeze_backbone(model: nn.Module, arch: Arch) -> list[nn.Module]:
+    """Stop gradients to all but the last stage and the head; return the frozen modules
+    that hold batch-norm statistics, which must stay in eval mode while training."""
+    trainable = _TRAINABLE_PREFIXES[arch]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(trainable))
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.BatchNorm2d) and not f"{name}.".startswith(trainable)
+    ]
 
 
 def load_checkpoint(path: Path, *, device: str | torch.device = "cpu") -> Checkpoint:
@@ -237,22 +301,35 @@ def load_checkpoint(path: Path, *, device: str | torch.device = "cpu") -> Checkp
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint written by `training train`")
     labels = list(data["labels"])
-    model = torchvision.models.resnet34(weights=None, num_classes=len(labels))
+    # Checkpoints from before the architecture choice are ResNet-34's.
+    try:
+        arch = check_arch(str(data.get("arch", DEFAULT_ARCH)))
+        fold = background_fold(labels)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    model = new_network(arch, len(labels))
     try:
         model.load_state_dict(data["model_state"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit ResNet-34: {exc}") from exc
+        raise CheckpointError(f"{path}: weights do not fit {ARCH_NAMES[arch]}: {exc}") from exc
     model.to(device).eval()
     meta = {k: v for k, v in data.items() if not k.endswith("_state")}
     return Checkpoint(
-        classifier=model, labels=labels, image_size=int(data["image_size"]), meta=meta
+        classifier=model,
+        labels=served_labels(labels),
+        image_size=int(data["image_size"]),
+        meta=meta,
+        arch=arch,
+        fold=fold,
     )
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # No decay on batch-norm scales and biases: shrinking them only hurts.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
+    # No decay on batch-norm scales and biases: shrinking them only hurts. Frozen
+    # parameters stay out: momentum and weight decay would move them all the same.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    rest = [p for p in trainable if p.ndim <= 1]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": rest, "weight_decay": 0.0},
@@ -276,7 +353,11 @@ def train(config: TrainConfig) -> TrainResult:
     if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
         raise DataError("epochs, batch size and learning rate must be positive")
     if config.image_size < 32:
-        raise DataError(f"image size {config.image_size} is below ResNet-34's minimum of 32")
+        raise DataError(f"image size {config.image_size} is below the minimum of 32")
+    try:
+        arch = check_arch(config.arch)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
     manifest = read_manifest(config.manifest)
     train_samples, val_samples = manifest.split("train"), manifest.split("val")
     if not train_samples or not val_samples:
@@ -290,11 +371,12 @@ def train(config: TrainConfig) -> TrainResult:
 
     resume_state = None if config.resume is None else _read_resume(config.resume, manifest, config)
     if resume_state is None:
-        model, initialisation = initial_model(config.weights, len(manifest.labels))
+        model, initialisation = initial_model(config.weights, len(manifest.labels), arch)
     else:
         # The weights come from the checkpoint; fetching the initial ones would be wasted.
-        model = torchvision.models.resnet34(weights=None, num_classes=len(manifest.labels))
+        model = new_network(arch, len(manifest.labels))
         initialisation = str(resume_state["initialisation"])
+    frozen = freeze_backbone(model, arch) if config.freeze_backbone else []
     channels_last = config.channels_last and device.type == "cuda"
     model.to(device)
     if channels_last:
@@ -346,8 +428,10 @@ def train(config: TrainConfig) -> TrainResult:
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     log.info(
-        "training ResNet-34 on %s: %d train / %d val images, %d classes, %dx%d px, "
+        "training %s%s on %s: %d train / %d val images, %d classes, %dx%d px, "
         "weights: %s, %d loader workers",
+        arch,
+        " (backbone frozen but its last stage)" if frozen else "",
         device,
         len(train_samples),
         len(val_samples),
@@ -364,12 +448,13 @@ def train(config: TrainConfig) -> TrainResult:
         started = time.perf_counter()
         train_loss, train_acc, seen, waited = _train_epoch(
             model,
-            _batches(train_loader, device, channels_last),
+            _batches(train_loader, device, channels_last, arch),
             criterion,
             optimizer,
             scaler,
             autocast,
             device,
+            frozen=frozen,
             desc=f"epoch {epoch + 1}/{config.epochs} train",
             total=len(train_loader),
             progress=config.progress,
@@ -377,7 +462,7 @@ def train(config: TrainConfig) -> TrainResult:
         train_seconds = time.perf_counter() - started
         val_loss, val_acc = _validate(
             model,
-            _batches(val_loader, device, channels_last),
+            _batches(val_loader, device, channels_last, arch),
             criterion,
             autocast,
             desc=f"epoch {epoch + 1}/{config.epochs} val",
@@ -471,7 +556,7 @@ def _checkpoint_common(
 ) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
-        "arch": ARCH,
+        "arch": config.arch,
         "model_state": {
             key: value.detach().to("cpu", memory_format=torch.contiguous_format)
             for key, value in model.state_dict().items()
@@ -497,6 +582,7 @@ def _batches(
     loader: torch.utils.data.DataLoader[tuple[torch.Tensor, int]],
     device: torch.device,
     channels_last: bool,
+    arch: Arch,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
     """(float input, labels, seconds spent waiting for the loader) per batch."""
     iterator = iter(loader)
@@ -510,7 +596,7 @@ def _batches(
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        yield normalize(images), labels.to(device, non_blocking=True), waited
+        yield normalize(images, arch), labels.to(device, non_blocking=True), waited
 
 
 def _train_epoch(
@@ -522,12 +608,16 @@ def _train_epoch(
     autocast: AutocastFactory,
     device: torch.device,
     *,
+    frozen: Sequence[nn.Module] = (),
     desc: str,
     total: int,
     progress: bool,
 ) -> tuple[float, float, int, float]:
-    """One pass over the training set: (mean loss, accuracy, images, seconds waiting)."""
+    """One pass over the training set: (mean loss, accuracy, images, seconds waiting).
+    The `frozen` modules stay in eval mode (their batch-norm statistics are kept)."""
     model.train()
+    for module in frozen:
+        module.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, waited = 0, 0.0

@@ -56,6 +56,7 @@ async def test_connect_reads_the_served_model_and_its_labels(
         image_size=served_model.image_size,
         max_batch_size=16,
         labels=tuple(served_model.labels),
+        confidence_threshold=served_model.confidence_threshold,
     )
     assert registry.get_sample_value("suggester_model_ready") == 1
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from training.__main__ import build_parser, main
+from training.zero_shot import PHOTOS
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -27,6 +28,14 @@ def test_every_step_is_a_command() -> None:
         assert parser.parse_args(argv).command == argv[0]
     args = parser.parse_args(["train", "--data", "d", "--out", "o"])
     assert (args.image_size, args.weights, args.lr_gamma) == (112, "imagenet", 0.9)
+    assert (args.arch, args.freeze_backbone) == ("resnet34", False)
+    assert parser.parse_args(["evaluate", "--model", "zero-shot", "--data", "d"]).model == (
+        "zero-shot"
+    )
+    demo = parser.parse_args(["demo"])
+    assert (demo.arch, demo.image_size, demo.synthetic) == ("efficientnet_lite0", 224, False)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--arch", "resnet50"])
 
 
 def test_a_step_error_is_one_line_and_status_2(
@@ -43,11 +52,11 @@ def test_a_step_error_is_one_line_and_status_2(
 
 
 def test_demo_runs_the_whole_workflow(tmp_path: Path) -> None:
-    """The demo command end to end, shrunk: 6 photos per class, 32 px, one epoch."""
+    """The demo command end to end on synthetic photos, shrunk: 6 per class, 32 px, one epoch."""
     out, repo = tmp_path / "demo", tmp_path / "repo"
     done = subprocess.run(
-        [sys.executable, "-m", "training", "demo", "--out", str(out), "--repository",
-         str(repo), "--per-class", "6", "--epochs", "1", "--image-size", "32",
+        [sys.executable, "-m", "training", "demo", "--synthetic", "--out", str(out),
+         "--repository", str(repo), "--per-class", "6", "--epochs", "1", "--image-size", "32",
          "--weights", "none", "--workers", "0", "--threads", "2", "--no-progress"],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -63,3 +72,39 @@ def test_demo_runs_the_whole_workflow(tmp_path: Path) -> None:
     assert report["metrics"]["images"] == 10
     for kind in ("cpu", "gpu"):
         assert (repo / kind / "category_classifier" / "1" / "threshold.json").is_file()
+
+
+def test_evaluate_the_zero_shot_model_with_out_of_category_photos(tmp_path: Path) -> None:
+    """`evaluate --model zero-shot --ood DIR` on a few real photos prints the trade-off."""
+    raw, ood = tmp_path / "raw", tmp_path / "ood"
+    for category in ("car", "motorcycle"):
+        (raw / category).mkdir(parents=True)
+        for path in sorted((PHOTOS / category).glob("*.jpg"))[:3]:
+            (raw / category / path.name).symlink_to(path)
+    ood.mkdir()
+    for path in sorted((PHOTOS / "out_of_category").glob("*.jpg"))[:4]:
+        (ood / path.name).symlink_to(path)
+    assert main(["prepare", str(raw), "--out", str(tmp_path / "data"), "--no-progress"]) == 0
+    out = tmp_path / "eval"
+    done = subprocess.run(
+        [sys.executable, "-m", "training", "evaluate", "--model", "zero-shot", "--data",
+         str(tmp_path / "data"), "--split", "all", "--ood", str(ood), "--out", str(out),
+         "--threads", "2", "--no-progress"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| threshold | coverage | confident precision | OOD confident |" in done.stdout
+    assert "target cold-start" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    metrics = report["metrics"]
+    assert (metrics["images"], metrics["ood_images"]) == (6, 4)
+    assert metrics["accuracy"] == 1.0
+    assert report["arch"] == "efficientnet_lite0"
+    threshold = json.loads((out / "threshold.json").read_text())
+    assert threshold["ood_images"] == 4
+    # At most 5% of 4 photos: none may be confident at the recommended threshold.
+    assert threshold["ood_confident"] == 0.0

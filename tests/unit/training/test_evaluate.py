@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.unit.training.helpers import Trained
+from training.data import read_manifest, write_manifest
 from training.errors import DataError
 from training.evaluate import (
     Evaluation,
@@ -22,6 +24,7 @@ from training.evaluate import (
     sha256_file,
     threshold_table,
 )
+from training.model import BACKGROUND_LABEL
 
 LABELS = ["books", "car", "mobile"]
 
@@ -81,6 +84,76 @@ def test_recommended_threshold_maximises_coverage_at_the_target() -> None:
          "accuracy": 0.75}
     )  # fmt: skip
     assert recommend_threshold(confidence, correct, 1.0)["threshold"] == 0.95
+
+
+def test_the_threshold_also_keeps_out_of_category_photos_below_it() -> None:
+    confidence = np.array([0.99, 0.95, 0.9, 0.8, 0.6])
+    correct = np.array([True, True, True, True, True])
+    # Without OOD photos everything may be confident; with them the threshold must lie
+    # above all but 5% of their confidences (here: none of the four may reach it).
+    assert recommend_threshold(confidence, correct, 0.9)["threshold"] == 0.6
+    ood = np.array([0.3, 0.85, 0.4, 0.2])
+    got = recommend_threshold(confidence, correct, 0.9, ood_confidence=ood)
+    # Covers 0.99, 0.95, 0.9; must leave out 0.85 (OOD): midway between 0.9 and 0.85.
+    assert got["threshold"] == pytest.approx(0.875)
+    assert got["coverage"] == 0.6
+    assert got["ood_confident"] == 0.0
+    # A quarter may be confident: 0.85 is allowed, 0.4 is not; 0.6 is the lowest photo.
+    loose = recommend_threshold(confidence, correct, 0.9, ood_confidence=ood,
+                                max_ood_confident=0.25)  # fmt: skip
+    assert loose["threshold"] == pytest.approx(0.5)
+    assert (loose["coverage"], loose["ood_confident"]) == (1.0, 0.25)
+    # OOD photos more confident than every category photo: nothing can be confident.
+    hopeless = recommend_threshold(confidence, correct, 0.9, ood_confidence=np.ones(4))
+    assert (hopeless["achieved"], hopeless["threshold"]) == (False, 1.0)
+
+
+def test_the_trade_off_table_has_the_out_of_category_share() -> None:
+    rows = threshold_table(
+        np.array([0.9, 0.5]),
+        np.array([True, False]),
+        thresholds=(0.0, 0.6),
+        ood_confidence=np.array([0.7, 0.2, 0.3, 0.1]),
+    )
+    assert [row["ood_confident"] for row in rows] == [1.0, 0.25]
+    assert [row["accuracy"] for row in rows] == [0.5, 1.0]
+
+
+def test_out_of_category_photos_count_in_no_accuracy(trained: Trained, tmp_path: Path) -> None:
+    """A background class in the manifest and an --ood folder: both are OOD photos."""
+    source = read_manifest(trained.manifest)
+    data = tmp_path / "data"
+    samples = [s for s in source.samples if s.split == "val"]
+    books = source.labels.index("books")
+    # The books photos become out_of_category photos of a manifest with that class.
+    labels = [*source.labels, BACKGROUND_LABEL]
+    relabelled = [
+        replace(s, label=len(source.labels) if s.label == books else s.label) for s in samples
+    ]
+    for s in relabelled:
+        target = data / s.path.relative_to(source.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(s.path)
+    write_manifest(
+        data, labels, [replace(s, path=data / s.path.relative_to(source.root)) for s in relabelled]
+    )
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    for n, s in enumerate(samples[:3]):
+        (ood / f"{n}.jpg").symlink_to(s.path)
+    evaluation = evaluate(
+        trained.result.best_checkpoint, data, tmp_path / "eval", ood=ood, progress=False
+    )
+    metrics = evaluation.report["metrics"]
+    books_photos = sum(s.label == books for s in samples)
+    assert metrics["images"] == len(samples) - books_photos
+    assert metrics["ood_images"] == books_photos + 3
+    assert metrics["per_class"]["books"]["support"] == 0
+    with (tmp_path / "eval" / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sum(row["label"] == BACKGROUND_LABEL for row in rows) == books_photos + 3
+    summary = (tmp_path / "eval" / "summary.md").read_text()
+    assert "OOD confident |" in summary
 
 
 def test_a_threshold_covers_all_ties_and_may_be_unreachable() -> None:

@@ -13,8 +13,9 @@ import torchvision
 from torch import nn
 
 from tests.unit.training.helpers import IMAGE_SIZE, Trained, tiny_config
+from training.efficientnet import EfficientNetLite0, load_imagenet
 from training.errors import CheckpointError
-from training.model import build_model
+from training.model import Arch, build_model
 from training.prepare import prepare
 from training.synthetic import generate
 from training.train import (
@@ -112,23 +113,62 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(small_set: Path, tmp_path
         )
 
 
-def test_unreachable_imagenet_weights_fall_back_to_scratch_loudly(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_unreachable_resnet_weights_stop_and_name_the_offline_backbone(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     real = build_model
 
-    def offline(num_classes: int, *, weights: str | Path | None = None) -> nn.Module:
-        if weights == "imagenet":
+    def offline(num_classes: int, *, arch: Arch = "resnet34", weights: object = None) -> nn.Module:
+        if weights == "imagenet" and arch == "resnet34":
             raise urllib.error.URLError("Name or service not known")
-        return real(num_classes, weights=weights)
+        return real(num_classes, arch=arch, weights=weights)  # type: ignore[arg-type]
 
     monkeypatch.setattr("training.train.build_model", offline)
+    with pytest.raises(CheckpointError) as raised:
+        initial_model("imagenet", 5)
+    message = str(raised.value)
+    assert "Name or service not known" in message
+    assert "--arch efficientnet_lite0" in message
+    assert "--weights none" in message
+    # The offline backbone needs no network.
+    model, origin = initial_model("imagenet", 5, "efficientnet_lite0")
+    assert origin == "ImageNet (installed)"
+    assert isinstance(model, EfficientNetLite0)
+
+
+def test_from_scratch_only_when_asked_and_loudly(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        model, origin = initial_model("imagenet", 5)
-    assert origin == "random initialisation (no ImageNet)"
+        model, origin = initial_model("none", 5, "efficientnet_lite0")
+    assert origin == "random initialisation"
     assert "FROM SCRATCH" in caplog.text
-    assert "Name or service not known" in caplog.text
-    assert isinstance(model, torchvision.models.ResNet)
+    assert isinstance(model, EfficientNetLite0)
+
+
+def test_efficientnet_trains_with_a_frozen_backbone_and_loads_back(
+    small_set: Path, tmp_path: Path
+) -> None:
+    before = load_imagenet(3).state_dict()
+    result = train(
+        tiny_config(
+            small_set,
+            tmp_path / "run",
+            arch="efficientnet_lite0",
+            weights="imagenet",
+            freeze_backbone=True,
+            epochs=1,
+            image_size=64,
+        )
+    )
+    ckpt = load_checkpoint(result.best_checkpoint)
+    assert ckpt.arch == "efficientnet_lite0"
+    after = ckpt.classifier.state_dict()
+    # Frozen: the stem and early blocks, their batch-norm statistics included.
+    for key in ("_conv_stem.weight", "_blocks.3._bn1.running_mean", "_blocks.13._bn2.weight"):
+        assert torch.equal(after[key], before[key]), key
+    # Trained: the last stage and the head.
+    assert not torch.equal(after["_blocks.15._project_conv.weight"],
+                           before["_blocks.15._project_conv.weight"])  # fmt: skip
+    assert ckpt.serving_model().mean.flatten().tolist() == pytest.approx([127 / 255] * 3)
 
 
 def test_a_local_imagenet_file_gives_the_backbone_and_a_new_head(tmp_path: Path) -> None:
