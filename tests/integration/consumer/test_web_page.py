@@ -11,6 +11,7 @@ screenshot the README shows (docs/web-page.png).
 from __future__ import annotations
 
 import base64
+import io
 import math
 import os
 import subprocess
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.options import Options
@@ -39,7 +41,6 @@ from devstack.process import free_port
 from devstack.triton import TritonServer
 from tests.conftest import REPO_ROOT, ServiceFactory, Topics
 from tests.corpus.images import png_pixel_bomb
-from tests.support.images import photo
 from tests.support.kafka import read_answers
 from tests.support.origin import ImageOrigin
 from tests.support.service import ServiceProcess
@@ -49,6 +50,7 @@ pytestmark = pytest.mark.integration
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT = REPO_ROOT / "docs" / "web-page.png"
+PHOTOS = REPO_ROOT / "training" / "photos"
 CODEC = EventCodec()
 LIMIT = 2 * 1024 * 1024  # the service's fetch limit in this test, and so the page's
 FINAL_STATES = ("suggested", "dead_lettered", "refused", "timeout")
@@ -73,14 +75,22 @@ for (const type of ["dragenter", "dragover", "drop"]) {
 def demo_photos() -> list[tuple[str, bytes]]:
     """The photos the browser uploads, as (file name, bytes): one per accepted format.
 
-    The one place that says which photos the test uses; generated until real product
-    photos are in the repository.
+    Real product photos from training/photos (Caltech 101, CC BY 4.0), re-encoded so
+    that each format the page accepts is uploaded once.
     """
     return [
-        ("armchair.jpg", photo(21, size=(900, 700))),
-        ("phone.png", photo(22, size=(600, 800), fmt="PNG")),
-        ("bicycle.webp", photo(23, size=(800, 600), fmt="WEBP")),
+        ("car_side_0001.jpg", real_photo("car/car_side_0001.jpg", "JPEG")),
+        ("chair_0001.png", real_photo("furniture/chair_0001.jpg", "PNG")),
+        ("Motorbikes_0003.webp", real_photo("motorcycle/Motorbikes_0003.jpg", "WEBP")),
     ]
+
+
+def real_photo(path: str, fmt: str) -> bytes:
+    """A committed photo (relative to training/photos) encoded as `fmt`."""
+    out = io.BytesIO()
+    with Image.open(PHOTOS / path) as image:
+        image.save(out, format=fmt)
+    return out.getvalue()
 
 
 @pytest.fixture
@@ -253,7 +263,9 @@ def test_the_page_shows_what_the_service_published_and_why_it_refused(
             ("bomb.png", png_pixel_bomb(50_000, 50_000)),
         ]:
             (files / name).write_bytes(data)
-        linked = image_origin.add("web/lamp.jpg", photo(24, size=(700, 700)))
+        linked = image_origin.add(
+            "web/cellphone_0003.jpg", real_photo("mobile/cellphone_0003.jpg", "JPEG")
+        )
 
         browser.get(f"http://127.0.0.1:{web_port}/")
         WebDriverWait(browser, 30).until(
