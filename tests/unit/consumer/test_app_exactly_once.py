@@ -40,8 +40,10 @@ class GatedFetcher:
 
     def __init__(self) -> None:
         self.gates: dict[str, asyncio.Event] = {}
+        self.fetched: list[str] = []
 
     async def fetch(self, url: str) -> FetchedImage:
+        self.fetched.append(url)
         if url.startswith("http://refused"):
             raise FetchRefusedError("private address", reason="address_refused")
         if url in self.gates:
@@ -73,9 +75,16 @@ class FakeTransactions:
     )
     attempts: int = 0
     resets: int = 0
+    reset_called: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # Set by a test: reset() waits for it (a new producer's registration taking its time).
+    reset_gate: asyncio.Event | None = None
 
     async def reset(self) -> None:
         self.resets += 1
+        self.reset_called.set()
+        if self.reset_gate is not None:
+            await self.reset_gate.wait()
 
     async def commit(
         self,
@@ -325,4 +334,30 @@ async def test_a_broken_producer_is_replaced_and_the_partitions_rewound() -> Non
     pipeline.stop_transactions()
     await loop_task
     assert transactions.committed_offsets() == [0, 1]
+    assert not fatal
+
+
+async def test_a_partition_assigned_while_the_producer_is_replaced_waits_for_the_rewind() -> None:
+    # From the producer's failure to the end of the rewind, no message is processed, of
+    # any partition, including one assigned meanwhile: its offset was read before the
+    # old transaction was settled, and only the rewind places it on the committed one.
+    transactions = FakeTransactions(failures=[ProducerFailedError("watchdog")])
+    transactions.reset_gate = asyncio.Event()
+    fetcher = GatedFetcher()
+    pipeline, source, fatal = make_pipeline(transactions, fetcher)
+    loop_task = asyncio.create_task(pipeline.run_transactions())
+    pipeline.on_messages([message(0, "http://o/a.jpg")])
+    await asyncio.wait_for(transactions.reset_called.wait(), 5)
+    pipeline.on_assigned([(TOPIC, 1)])
+    pipeline.on_messages([message(7, "http://o/early.jpg", partition=1)])
+    await settle()
+    assert "http://o/early.jpg" not in fetcher.fetched
+    source.after_seek = [message(0, "http://o/a.jpg"), message(5, "http://o/p1.jpg", partition=1)]
+    transactions.reset_gate.set()
+    await asyncio.wait_for(source.rewound.wait(), 5)
+    assert await pipeline.wait_idle(5)
+    pipeline.stop_transactions()
+    await loop_task
+    assert sorted(transactions.committed_offsets()) == [0, 5]
+    assert "http://o/early.jpg" not in fetcher.fetched
     assert not fatal
