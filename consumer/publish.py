@@ -404,9 +404,11 @@ def _transaction(
     """One transaction: the records, the offsets, the commit; an abort only where
     librdkafka asks for one (module docstring).
 
-    Retries end at twice the transaction timeout, inside the watchdog's limit: a commit
-    may outlast the transaction timeout (the coordinator no longer aborts a transaction
-    once its commit has reached it), and then it is waited for, not abandoned.
+    A commit may outlast the transaction timeout (the coordinator no longer aborts a
+    transaction once its commit has reached it): it is waited for, not abandoned.
+    `commit_transaction(-1)` blocks until librdkafka has the coordinator's answer or an
+    error; retries of retriable errors end at twice the transaction timeout, and the
+    watchdog (`TransactionalPublisher`) bounds a call that blocks longer.
     """
     deadline = time.monotonic() + 2 * timeout_s
     try:
