@@ -244,7 +244,7 @@ class TransactionalPublisher:
         """Register the transactional.id: fences an older producer with the same id and
         aborts its open transaction. Raises `PublishFatalError` when that fails."""
         try:
-            await self._call(_init, self._lane.producer, self._timeout_s, self._lane.cancelled)
+            await self._call(_init, self._lane.producer, self._timeout_s, self._lane.progress)
         except (KafkaException, ProducerFailedError) as exc:
             raise PublishFatalError(f"init_transactions failed: {exc}") from exc
 
@@ -257,7 +257,7 @@ class TransactionalPublisher:
         self._lane.retire()
         self._lane = _Lane(self._factory(self._conf))
         try:
-            await self._call(_init, self._lane.producer, self._timeout_s, self._lane.cancelled)
+            await self._call(_init, self._lane.producer, self._timeout_s, self._lane.progress)
         except KafkaException as exc:
             raise _failure(exc.args[0], "registering a new producer failed") from exc
 
@@ -278,7 +278,7 @@ class TransactionalPublisher:
                 offsets,
                 group_metadata,
                 self._timeout_s,
-                lane.cancelled,
+                lane.progress,
             )
         except PublishFatalError as exc:
             if not self._fence_tolerated():
@@ -313,7 +313,8 @@ class TransactionalPublisher:
             # return, must not go on to end the transaction.
             lane.retire()
             raise ProducerFailedError(
-                f"a transactional call did not return within {self._watchdog_s:.0f} s"
+                f"a transactional call did not return within {self._watchdog_s:.0f} s "
+                f"({lane.progress.step})"
             ) from exc
 
 
@@ -326,9 +327,9 @@ class _Lane:
 
     def __init__(self, producer: Producer) -> None:
         self.producer = producer
-        # Set when the producer is given up: the call under way makes no further
+        # The call under way, and the give-up flag: once set, that call makes no further
         # transactional call (a late send_offsets is never followed by a commit).
-        self.cancelled = threading.Event()
+        self.progress = _Progress()
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         NamedThread(target=self._serve, name="kafka-txn", daemon=True).start()
 
@@ -341,7 +342,7 @@ class _Lane:
     def retire(self) -> None:
         """Give the producer up: the call it may be in makes no further call, and the
         thread ends after it; the producer goes with it."""
-        self.cancelled.set()
+        self.progress.cancelled.set()
         self._calls.put(None)
 
     def _serve(self) -> None:
@@ -384,13 +385,24 @@ RETRY_BACKOFF_S = 0.05
 RETRY_BACKOFF_MAX_S = 1.0
 
 
+class _Progress:
+    """Shared by a lane's thread and the event loop: the transactional call under way (the
+    watchdog names it) and the flag that gives the producer up."""
+
+    def __init__(self) -> None:
+        self.step = "idle"
+        self.cancelled = threading.Event()
+
+
 class _GivenUpError(Exception):
     """The producer was given up while its call ran: no further call is made."""
 
 
-def _init(producer: Producer, timeout_s: float, cancelled: threading.Event) -> None:
+def _init(producer: Producer, timeout_s: float, progress: _Progress) -> None:
     deadline = time.monotonic() + timeout_s
-    _retrying(lambda: producer.init_transactions(_left(deadline)), deadline, cancelled)
+    _retrying(
+        lambda: producer.init_transactions(_left(deadline)), deadline, progress, "init_transactions"
+    )
 
 
 def _transaction(
@@ -399,7 +411,7 @@ def _transaction(
     offsets: Mapping[tuple[str, int], int],
     group_metadata: object,
     timeout_s: float,
-    cancelled: threading.Event,
+    progress: _Progress,
 ) -> None:
     """One transaction: the records, the offsets, the commit; an abort only where
     librdkafka asks for one (module docstring).
@@ -412,8 +424,9 @@ def _transaction(
     """
     deadline = time.monotonic() + 2 * timeout_s
     try:
-        _check(cancelled)
+        _check(progress, "begin_transaction")
         producer.begin_transaction()
+        progress.step = "produce"
         for record in records:
             _produce(producer, record)
         positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
@@ -422,11 +435,12 @@ def _transaction(
                 positions, group_metadata, _left(deadline)
             ),
             deadline,
-            cancelled,
+            progress,
+            "send_offsets_to_transaction",
         )
         # -1: the rest of the transaction timeout, as librdkafka recommends (other values
         # risk its state going out of step when a request fails); a timeout is retried.
-        _retrying(lambda: producer.commit_transaction(-1), deadline, cancelled)
+        _retrying(lambda: producer.commit_transaction(-1), deadline, progress, "commit_transaction")
     except KafkaException as exc:
         error: KafkaError = exc.args[0]
         if error.fatal():
@@ -437,7 +451,12 @@ def _transaction(
             # a commit is under way. A new producer's registration settles it.
             raise ProducerFailedError(f"transaction outcome unknown: {error.str()}") from exc
         try:
-            _retrying(lambda: producer.abort_transaction(_left(deadline)), deadline, cancelled)
+            _retrying(
+                lambda: producer.abort_transaction(_left(deadline)),
+                deadline,
+                progress,
+                "abort_transaction",
+            )
         except KafkaException as abort_exc:
             # Not aborted: this producer cannot go on; a new one must settle its transaction.
             raise _failure(abort_exc.args[0], "aborting the transaction failed") from abort_exc
@@ -461,18 +480,20 @@ def _left(deadline: float) -> float:
     return max(0.5, deadline - time.monotonic())
 
 
-def _check(cancelled: threading.Event) -> None:
-    if cancelled.is_set():
+def _check(progress: _Progress, step: str) -> None:
+    """About to make the call `step`: recorded for the watchdog, refused once given up."""
+    progress.step = step
+    if progress.cancelled.is_set():
         raise _GivenUpError("the producer was given up; no further call is made")
 
 
-def _retrying(call: Callable[[], None], deadline: float, cancelled: threading.Event) -> None:
+def _retrying(call: Callable[[], None], deadline: float, progress: _Progress, step: str) -> None:
     """Run `call`, again after a pause while librdkafka says the same call may succeed
     (the arguments are the same each time), until `deadline`. Raises `_GivenUpError`
-    instead of making a call once `cancelled` is set."""
+    instead of making a call once the producer is given up."""
     delay = RETRY_BACKOFF_S
     while True:
-        _check(cancelled)
+        _check(progress, step)
         try:
             call()
             return
@@ -482,7 +503,7 @@ def _retrying(call: Callable[[], None], deadline: float, cancelled: threading.Ev
                 raise
             log.debug("transactional call retried", extra={"error": error.str()})
         # Woken early by a give-up: the next round raises instead of calling.
-        cancelled.wait(min(delay, max(0.0, deadline - time.monotonic())))
+        progress.cancelled.wait(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
 
 
