@@ -438,8 +438,9 @@ def _transaction(
             progress,
             "send_offsets_to_transaction",
         )
-        # -1: the rest of the transaction timeout, as librdkafka recommends (other values
-        # risk its state going out of step when a request fails); a timeout is retried.
+        # -1, as librdkafka recommends (other values risk its state going out of step
+        # when a request fails): the call blocks until the coordinator has answered or an
+        # error comes; a retriable error is retried.
         _retrying(lambda: producer.commit_transaction(-1), deadline, progress, "commit_transaction")
     except KafkaException as exc:
         error: KafkaError = exc.args[0]
