@@ -9,28 +9,15 @@ infrastructure fault outlasted shutdown; the offset stays uncommitted and the ev
 consumed again). Offsets are stored only for the first two, and only when every earlier
 offset of the partition is done (offsets.py).
 
-Delivery modes (settings.delivery):
-
-- at_least_once: each answer is published as soon as it is ready and its offset stored
-  once acknowledged; a crash repeats the answers not yet committed (at most the in-flight
-  window plus one commit interval), and answers of one key may come out of order.
-- exactly_once: answers wait in a per-partition buffer; every
-  `consumer.transaction_interval_s` the ready prefix of each partition (every earlier
-  offset answered) is published in offset order inside one Kafka transaction that also
-  commits those offsets for the group (KIP-447: with the consumer's group metadata, so a
-  zombie's transaction is refused). A read_committed reader sees each answer once, in
-  input order per partition. An aborted transaction is sent again with the same records
-  (they are still in memory, so nothing is re-read). A producer that breaks (a broker
-  crash can leave its transaction unendable) is replaced by a new one with the same
-  transactional.id, which settles the old transaction, and every partition rewinds to
-  its committed offset: all work in memory is dropped and read again. A fenced producer
-  is replaced the same way (the coordinator fences a transaction that outlived its
-  timeout, as in a broker outage) unless fences repeat, which means another live process
-  shares the transactional.id: that stops the service (publish.py). Buffered answers
-  count as in flight for back-pressure.
+Delivery (settings.delivery) sits behind one seam, consumer/delivery: the pipeline hands
+each answer to a `Delivery` and tells it when an offset is answered; at-least-once
+publishes at once and stores offsets for the consumer to commit, exactly-once keeps
+answers for transactions that also commit the offsets (its module says how it
+recovers). The pipeline knows nothing of transactions.
 
 Back-pressure: the source hands over at most `consumer.max_inflight` messages that have
-not left the window (`_done` releases them); at that mark it waits for the window to fall
+not left the window (`release` lets them go; exactly-once answers stay in it until their
+transaction commits); at that mark it waits for the window to fall
 to `consumer.resume_inflight`, and pauses every partition only when that takes longer
 than half a second, a stall such as Triton down (polling goes on, so the group does not
 evict us); see consume.py. Each step bounds its own concurrency as well.
@@ -50,20 +37,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import KafkaException, Message
+from confluent_kafka import Message
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from prometheus_client import CollectorRegistry
 
 from consumer import __version__
 from consumer.batch import Batcher
 from consumer.consume import KafkaSource, Partition
+from consumer.delivery import Delivery, wait_or_stop
+from consumer.delivery.at_least_once import AtLeastOnce
+from consumer.delivery.exactly_once import ExactlyOnce
 from consumer.errors import (
     BadInputError,
     InfrastructureError,
     KafkaRefusedError,
-    ProducerFailedError,
-    PublishError,
-    PublishFatalError,
     RecordTooLargeError,
     SuggesterError,
 )
@@ -97,16 +84,6 @@ class _Stopwatch:
     attempts: int = 1
 
 
-@dataclass(frozen=True)
-class _Answer:
-    """An answer waiting for its transaction (exactly-once)."""
-
-    record: OutputRecord
-    # Suggestions: for the end-to-end latency, observed once the transaction commits.
-    uploaded_at: datetime | None
-    ready_at: float
-
-
 class Pipeline:
     """Turns consumed messages into suggestions or DLQ records; tracks their offsets."""
 
@@ -119,15 +96,12 @@ class Pipeline:
         fetcher: ImageFetcher,
         decoder: Decoder,
         batcher: Batcher,
-        publisher: Publisher | None,
+        delivery: Delivery,
         model: ModelInfo,
         stop: asyncio.Event,
         on_fatal: Callable[[SuggesterError], None],
-        transactions: TransactionalPublisher | None = None,
     ) -> None:
-        """`publisher` for at-least-once delivery, or `transactions` for exactly-once."""
-        if (publisher is None) == (transactions is None):
-            raise ValueError("give either a publisher or a transactional publisher")
+        """`delivery`: the mode's (consumer/delivery); bound to this pipeline here."""
         self._settings = settings
         self._on_fatal = on_fatal
         self._metrics = metrics
@@ -135,18 +109,9 @@ class Pipeline:
         self._fetcher = fetcher
         self._decoder = decoder
         self._batcher = batcher
-        self._publisher = publisher
-        self._transactions = transactions
-        # Exactly-once: answers by partition and offset until their transaction commits.
-        self._answers: dict[Partition, dict[int, _Answer]] = defaultdict(dict)
-        self._commit_lock = asyncio.Lock()
-        self._commit_wanted = asyncio.Event()
-        self._committing = True
+        self._delivery = delivery
         # Cleared at shutdown: messages handed over after it are not processed.
         self._intake = True
-        # Exactly-once: set while the consumer rewinds after a producer failure; messages
-        # read before the seek are not processed.
-        self._rewinding = False
         self._model = model
         # Set when the shutdown grace period is over: retries of outages give up then.
         self._stop = stop
@@ -156,7 +121,6 @@ class Pipeline:
         # Metric children bound once: labels() costs a locked dict lookup per call.
         self._fetch_latency = metrics.stage_latency.labels(stage="fetch")
         self._decode_latency = metrics.stage_latency.labels(stage="decode")
-        self._publish_latency = metrics.stage_latency.labels(stage="publish")
         self._fetch_retries = metrics.retries.labels(stage="fetch")
         self._suggested = metrics.events.labels(outcome="suggested")
         self._confident = metrics.suggestions.labels(confident="true")
@@ -170,17 +134,18 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self.source: KafkaSource | None = None
+        delivery.bind(self)
 
     # -- PartitionHandler ----------------------------------------------------------------
 
     def on_messages(self, messages: Sequence[Message]) -> None:
-        if not self._intake or self._rewinding:
+        if not self._intake or not self._delivery.taking:
             # Shutting down: a poll that raced the pause can still hand messages over.
             # Left untracked, they hold back nothing already tracked (they are later in
             # their partitions), no offset at or past them is committed here, and the
             # partition's next owner reads them; processing them instead could publish
-            # answers after the final offsets were taken, duplicating them. Rewinding
-            # (exactly-once): they were read before the seek and are read again after it.
+            # answers after the final offsets were taken, duplicating them. Not taking
+            # (exactly-once, rewinding): they are read again after the seek.
             if self.source is not None:
                 self.source.release(len(messages))
             return
@@ -204,8 +169,8 @@ class Pipeline:
     async def on_revoked(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
         """Give the moving partitions' work the grace period, then abandon what is left.
 
-        Returns the offsets to commit (at-least-once); exactly-once commits the finished
-        work in a transaction here, before the partitions move, and returns none.
+        Returns the offsets the consumer commits for them; the delivery settles their
+        finished work first (exactly-once commits it in a transaction and returns none).
         """
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._settings.consumer.shutdown_grace_s
@@ -213,16 +178,8 @@ class Pipeline:
         if tasks:
             log.info("finishing in-flight work of revoked partitions", extra={"count": len(tasks)})
             await asyncio.wait(tasks, timeout=self._settings.consumer.shutdown_grace_s)
-        if self._transactions is not None:
-            await self.commit_answers(partitions, give_up_at=give_up_at)
-            for tp in partitions:
-                self._abandon(tp)
-            return {}
-        offsets: dict[Partition, int] = {}
+        offsets = await self._delivery.revoked(partitions, give_up_at)
         for tp in partitions:
-            committable = self._tracker.committable(tp)
-            if committable is not None:
-                offsets[tp] = committable
             self._abandon(tp)
         return offsets
 
@@ -236,16 +193,9 @@ class Pipeline:
     def inflight(self) -> int:
         return self._inflight
 
-    def committable(self) -> dict[Partition, int]:
-        """Offsets to commit as the consumer's own (at-least-once; none in exactly-once)."""
-        if self._transactions is not None:
-            return {}
-        offsets = {}
-        for tp in self._tracker.partitions():
-            committable = self._tracker.committable(tp)
-            if committable is not None:
-                offsets[tp] = committable
-        return offsets
+    def final_offsets(self) -> dict[Partition, int]:
+        """At shutdown: the offsets the consumer commits as its own (the delivery's)."""
+        return self._delivery.final_offsets()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -258,7 +208,8 @@ class Pipeline:
         self._intake = False
 
     def abandon_all(self) -> None:
-        for tp in set(self._tasks) | set(self._answers) | set(self._tracker.partitions()):
+        partitions = set(self._tasks) | self._delivery.holding() | set(self._tracker.partitions())
+        for tp in partitions:
             self._abandon(tp)
 
     def _abandon(self, tp: Partition) -> None:
@@ -266,13 +217,27 @@ class Pipeline:
             task.cancel()
         self._epochs[tp] += 1
         self._tracker.forget(tp)
-        self._drop_answers(tp)
+        self._delivery.dropped(tp)
 
-    def _drop_answers(self, tp: Partition) -> None:
-        """Forget a partition's uncommitted answers: its next owner answers them again."""
-        dropped = self._answers.pop(tp, {})
-        if dropped:
-            self._done(len(dropped))
+    # -- Host, for the delivery ----------------------------------------------------------
+
+    def is_current(self, tp: Partition, epoch: int) -> bool:
+        return self._epochs[tp] == epoch
+
+    def committable(self, tp: Partition) -> int | None:
+        return self._tracker.committable(tp)
+
+    def committable_offsets(self) -> dict[Partition, int]:
+        offsets = {}
+        for tp in self._tracker.partitions():
+            committable = self._tracker.committable(tp)
+            if committable is not None:
+                offsets[tp] = committable
+        return offsets
+
+    def release(self, count: int) -> None:
+        """`count` events left the in-flight window: tell the source, report idle as due."""
+        self._done(count)
 
     def _done(self, count: int) -> None:
         """`count` events left the in-flight window: tell the source, report idle as due."""
@@ -282,165 +247,6 @@ class Pipeline:
             self.source.release(count)
         if self._inflight == 0:
             self._idle.set()
-
-    # -- exactly-once: transactions ------------------------------------------------------
-
-    async def run_transactions(self) -> None:
-        """Commit ready answers as they come, at most once per transaction interval.
-
-        Runs until `stop_transactions()`; a commit under way is finished, never cancelled
-        (its outcome decides which answers are still pending).
-        """
-        loop = asyncio.get_running_loop()
-        interval = self._settings.consumer.transaction_interval_s
-        while self._committing:
-            await self._commit_wanted.wait()
-            self._commit_wanted.clear()
-            if not self._committing:
-                break
-            started = loop.time()
-            await self.commit_answers()
-            if self._rewinding:
-                await self._rewind()
-            # Whatever finishes meanwhile joins the next transaction.
-            await _wait_or_stop(self._stop, max(0.0, interval - (loop.time() - started)))
-
-    def stop_transactions(self) -> None:
-        self._committing = False
-        self._commit_wanted.set()
-
-    async def commit_answers(
-        self, partitions: Sequence[Partition] | None = None, *, give_up_at: float | None = None
-    ) -> bool:
-        """Commit the ready answers (of `partitions`, default all) in one transaction.
-
-        An aborted transaction is retried with backoff, re-collected each time (a partition
-        lost meanwhile drops out), until it commits, the service stops or `give_up_at` (a
-        loop time) passes. Returns whether nothing ready is left uncommitted.
-        """
-        assert self._transactions is not None
-        loop = asyncio.get_running_loop()
-        delay = self._settings.triton.retry_backoff_base_s
-        async with self._commit_lock:
-            while True:
-                records, offsets, taken = self._ready_answers(partitions)
-                if not records:
-                    return True
-                metadata = self.source.group_metadata() if self.source is not None else None
-                if metadata is None:
-                    return False
-                try:
-                    await self._transactions.commit([a.record for a in records], offsets, metadata)
-                except ProducerFailedError as exc:
-                    log.warning(
-                        "transactional producer failed; replacing it and rewinding",
-                        extra={"error": exc.message},
-                    )
-                    self._metrics.retries.labels(stage="publish").inc()
-                    await self._replace_producer()
-                    return False
-                except PublishError as exc:
-                    if not exc.retryable:
-                        log.error("transactions stopped", extra={"error": exc.message})
-                        self._on_fatal(exc)
-                        return False
-                    self._metrics.retries.labels(stage="publish").inc()
-                    log.warning(
-                        "transaction aborted; its answers go into the next one",
-                        extra={"count": len(records), "error": exc.message},
-                    )
-                    out_of_time = give_up_at is not None and loop.time() >= give_up_at
-                    if self._stop.is_set() or out_of_time:
-                        return False
-                    await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                    delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
-                    continue
-                self._committed(records, taken)
-                return True
-
-    async def _replace_producer(self) -> None:
-        """Drop all work in memory and take a new producer; the rewind follows (outside
-        the commit lock: the consumer thread may be waiting on it in a revoke)."""
-        assert self._transactions is not None
-        self._rewinding = True
-        self.abandon_all()
-        delay = self._settings.triton.retry_backoff_base_s
-        while not self._stop.is_set():
-            try:
-                await self._transactions.reset()
-                break
-            except ProducerFailedError as exc:
-                log.warning("new producer not ready; retrying", extra={"error": exc.message})
-            except PublishError as exc:
-                log.error("transactions stopped", extra={"error": exc.message})
-                self._on_fatal(exc)
-                return
-            await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-            delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
-        self._commit_wanted.set()  # the transaction loop runs the rewind
-
-    async def _rewind(self) -> None:
-        """Seek every partition to its committed offset, then take messages again."""
-        assert self.source is not None
-        delay = self._settings.triton.retry_backoff_base_s
-        while not self._stop.is_set():
-            try:
-                await self.source.rewind(then=self._rewound)
-            except KafkaException as exc:
-                log.warning("rewind failed; retrying", extra={"error": str(exc)})
-                await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
-                continue
-            return
-
-    def _rewound(self) -> None:
-        """The seek is done (on the loop, after the last hand-over of a message read before
-        it and before the first of one read after it): drop any state the ignored messages
-        may have left, and take what is read from the committed offsets."""
-        self.abandon_all()
-        self._rewinding = False
-
-    def _ready_answers(
-        self, partitions: Sequence[Partition] | None
-    ) -> tuple[list[_Answer], dict[Partition, int], dict[Partition, list[int]]]:
-        """Per partition, the answers below its committable offset, in offset order."""
-        records: list[_Answer] = []
-        offsets: dict[Partition, int] = {}
-        taken: dict[Partition, list[int]] = {}
-        for tp, answers in self._answers.items():
-            if partitions is not None and tp not in partitions:
-                continue
-            committable = self._tracker.committable(tp)
-            if committable is None:
-                continue
-            ready = sorted(o for o in answers if o < committable)
-            if ready:
-                records += [answers[o] for o in ready]
-                offsets[tp] = committable
-                taken[tp] = ready
-        return records, offsets, taken
-
-    def _committed(self, records: list[_Answer], taken: dict[Partition, list[int]]) -> None:
-        now = time.perf_counter()
-        wall = time.time()
-        for answer in records:
-            self._metrics.stage_latency.labels(stage="publish").observe(now - answer.ready_at)
-            if answer.uploaded_at is not None:
-                latency = max(0.0, wall - answer.uploaded_at.timestamp())
-                self._metrics.end_to_end_latency.observe(latency)
-        finished = 0
-        for tp, done in taken.items():
-            # A partition lost during the commit has been dropped already.
-            answers = self._answers.get(tp)
-            if answers is None:
-                continue
-            for offset in done:
-                if answers.pop(offset, None) is not None:
-                    finished += 1
-            if not answers:
-                del self._answers[tp]
-        if finished:
-            self._done(finished)
 
     # -- one event -----------------------------------------------------------------------
 
@@ -466,7 +272,7 @@ class Pipeline:
                     )
                     return False
                 self._metrics.retries.labels(stage=exc.stage).inc()
-                await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
+                await wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
                 delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
 
     def _settle(self, tp: Partition, offset: int, epoch: int, task: asyncio.Task[bool]) -> None:
@@ -488,17 +294,11 @@ class Pipeline:
                 )
             else:
                 answered = task.result()
-        current = self._epochs[tp] == epoch
-        if answered and current:
+        if answered and self._epochs[tp] == epoch:
             committable = self._tracker.finish(tp, offset)
-            if self._transactions is not None:
-                if committable is not None:
-                    self._commit_wanted.set()
-            elif committable is not None and self.source is not None:
-                self.source.store({tp: committable})
-        if not (answered and current and self._transactions is not None):
-            # Exactly-once: a kept answer stays in flight until its transaction commits.
-            self._done(1)
+            if self._delivery.answered(tp, committable):
+                return  # in flight until the delivery releases it
+        self._done(1)
 
     async def _answer(self, message: Message, epoch: int) -> None:
         watch = _Stopwatch()
@@ -613,45 +413,10 @@ class Pipeline:
     async def _emit(
         self, message: Message, record: OutputRecord, epoch: int, *, uploaded_at: datetime | None
     ) -> None:
-        """At-least-once: publish now. Exactly-once: keep for the partition's transaction
-        (unless the partition's work was abandoned meanwhile: its next reader answers)."""
-        if self._transactions is not None:
-            tp = (message.topic() or "", message.partition() or 0)
-            if self._epochs[tp] == epoch:
-                answers = self._answers[tp]
-                offset = message.offset() or 0
-                if offset in answers:
-                    self._done(1)  # a second answer for one offset replaces the first
-                answers[offset] = _Answer(record, uploaded_at, time.perf_counter())
-            return
-        started = time.perf_counter()
-        await self._publish(record)
-        published = time.perf_counter()
-        self._publish_latency.observe(published - started)
-        if uploaded_at is not None:
-            latency = max(0.0, time.time() - uploaded_at.timestamp())
-            self._metrics.end_to_end_latency.observe(latency)
-
-    async def _publish(self, record: OutputRecord) -> None:
-        """Publish until acknowledged; a broker fault is retried, never dead-lettered."""
-        assert self._publisher is not None
-        topic = record.topic
-        delay = self._settings.triton.retry_backoff_base_s
-        while True:
-            try:
-                await self._publisher.publish(topic, record.key, record.value, record.headers)
-                return
-            except PublishError as exc:
-                # A producer broken for good (a fatal idempotence error) is not retried:
-                # _process stops the service on it.
-                if not exc.retryable or self._stop.is_set():
-                    raise
-                self._metrics.retries.labels(stage="publish").inc()
-                log.warning(
-                    "publish failed; retrying", extra={"topic": topic, "error": exc.message}
-                )
-                await _wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+        tp = (message.topic() or "", message.partition() or 0)
+        await self._delivery.deliver(
+            tp, message.offset() or 0, epoch, record, uploaded_at=uploaded_at
+        )
 
 
 # Room left for a record's framing when checking its size against max_record_bytes.
@@ -685,10 +450,24 @@ def original_headers(message: Message) -> list[tuple[str, bytes]]:
     return [(k, v) for k, v in without_dlq_headers(as_bytes) if v is not None]
 
 
-async def _wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await stop.wait()
+async def start_delivery(
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    stop: asyncio.Event,
+    on_fatal: Callable[[SuggesterError], None],
+) -> Delivery:
+    """The delivery of `settings.delivery`, its producer started."""
+    if settings.delivery is DeliveryMode.EXACTLY_ONCE:
+        transactions = TransactionalPublisher(settings)
+        # Fences an older process with the same transactional.id, aborting its open
+        # transaction, before this one reads a single offset.
+        await transactions.start()
+        log.info("exactly-once delivery", extra={"transactional_id": transactions.transactional_id})
+        return ExactlyOnce(settings, metrics, transactions, stop=stop, on_fatal=on_fatal)
+    publisher = Publisher(settings)
+    publisher.start()
+    return AtLeastOnce(settings, metrics, publisher, stop=stop)
 
 
 def make_codec(settings: Settings) -> EventCodec:
@@ -751,19 +530,7 @@ class Service:
         )
         codec = make_codec(settings)
         await asyncio.to_thread(codec.prepare)
-        publisher: Publisher | None = None
-        transactions: TransactionalPublisher | None = None
-        if settings.delivery is DeliveryMode.EXACTLY_ONCE:
-            transactions = TransactionalPublisher(settings)
-            # Fences an older process with the same transactional.id, aborting its
-            # open transaction, before this one reads a single offset.
-            await transactions.start()
-            log.info(
-                "exactly-once delivery", extra={"transactional_id": transactions.transactional_id}
-            )
-        else:
-            publisher = Publisher(settings)
-            publisher.start()
+        delivery = await start_delivery(settings, metrics, stop=self._give_up, on_fatal=self._fatal)
         async with contextlib.AsyncExitStack() as resources:
             decoder = resources.enter_context(Decoder(settings.decode))
             fetcher = await resources.enter_async_context(ImageFetcher(settings.fetch))
@@ -775,8 +542,7 @@ class Service:
                 fetcher=fetcher,
                 decoder=decoder,
                 batcher=batcher,
-                publisher=publisher,
-                transactions=transactions,
+                delivery=delivery,
                 model=model,
                 stop=self._give_up,
                 on_fatal=self._fatal,
@@ -789,10 +555,7 @@ class Service:
             )
             pipeline.source = source
             self._source = source
-            committer = None
-            if transactions is not None:
-                committer = asyncio.create_task(pipeline.run_transactions())
-                committer.add_done_callback(self._committer_done)
+            delivery.start()
             source.start()
             log.info("consuming", extra={"topic": settings.kafka.input_topic})
             await self._shutdown.wait()
@@ -807,28 +570,15 @@ class Service:
                     extra={"count": pipeline.inflight},
                 )
             self._give_up.set()
-            final_offsets = pipeline.committable()
-            if committer is not None:
-                pipeline.stop_transactions()
-                await committer
-                # One last transaction for what finished while the grace period ran out.
-                await pipeline.commit_answers()
+            final_offsets = pipeline.final_offsets()
+            await delivery.finish()
             pipeline.abandon_all()
-            if transactions is not None:
-                await transactions.close()
-            if publisher is not None:
-                await publisher.close()
+            await delivery.close()
             await source.close(final_offsets)
             await batcher.aclose()
         await classifier.aclose()
         await self.health.close()
         log.info("stopped")
-
-    def _committer_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            error = task.exception()
-            log.error("the transaction loop failed", exc_info=error)
-            self._fatal(PublishFatalError(f"the transaction loop failed: {error!r}"))
 
     def _alive(self) -> bool:
         return self._source is None or self._source.alive

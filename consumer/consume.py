@@ -221,8 +221,9 @@ class KafkaSource:
         switches from ignoring messages to taking them there: not after this returns,
         since the consumer thread may hand over messages read after the seek before the
         awaiting coroutine resumes (they would be ignored, and lost: the position is past
-        them). Raises `KafkaException` when the committed offsets cannot be read (`then`
-        has not run)."""
+        them). Raises `KafkaException` when the committed offsets cannot be read, the
+        committed offset of any one partition included (nothing was sought, `then` has
+        not run)."""
         assert self._loop is not None
         reply: asyncio.Future[None] = self._loop.create_future()
         self._submit(_Request("rewind", reply=reply, then=then))
@@ -406,6 +407,12 @@ class KafkaSource:
             # With read_committed, a commit still inside an open transaction makes the
             # broker answer "unstable"; librdkafka retries until it is settled.
             committed = self._consumer.committed(assigned, timeout=30) if assigned else []
+            # A partition whose committed offset came back with an error fails the whole
+            # rewind (retried by the caller) before anything is sought: read as "none
+            # committed", it would replay the partition from its beginning.
+            for tp in committed:
+                if tp.error is not None:
+                    raise KafkaException(tp.error)
             for tp in committed:
                 offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
                 self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))

@@ -17,6 +17,16 @@ to the committed offsets: whether the failed transaction committed is not known)
 `PublishFatalError` when a newer process took over the transactional.id (this one must
 stop). Every producer call runs on one thread of its own, in order.
 
+Transaction errors are handled as librdkafka documents them. A retriable error
+(`__TIMED_OUT` included: a commit goes on in the background) is answered by calling the
+same function again, after a pause, with the same arguments; only an error that says
+`txn_requires_abort()` aborts; a fatal one breaks the producer. A call that is still
+retriable when the transaction's time is spent, or an error with no recipe, leaves the
+outcome unknown: `ProducerFailedError` (abort is no answer then: while a commit is under
+way librdkafka refuses it with `__CONFLICT`). A producer given up on (the watchdog, or
+`reset()`) is inert: its thread makes no further call, so a call that returns late is
+never followed by a commit.
+
 A fence is not always another process. The transaction coordinator aborts a transaction
 that outlives `transaction.timeout.ms` (a broker outage in the middle of its commit, say)
 and bumps the producer's epoch; librdkafka then reports the producer's next call as
@@ -234,7 +244,7 @@ class TransactionalPublisher:
         """Register the transactional.id: fences an older producer with the same id and
         aborts its open transaction. Raises `PublishFatalError` when that fails."""
         try:
-            await self._call(_init, self._lane.producer, self._timeout_s)
+            await self._call(_init, self._lane.producer, self._timeout_s, self._lane.progress)
         except (KafkaException, ProducerFailedError) as exc:
             raise PublishFatalError(f"init_transactions failed: {exc}") from exc
 
@@ -247,7 +257,7 @@ class TransactionalPublisher:
         self._lane.retire()
         self._lane = _Lane(self._factory(self._conf))
         try:
-            await self._call(_init, self._lane.producer, self._timeout_s)
+            await self._call(_init, self._lane.producer, self._timeout_s, self._lane.progress)
         except KafkaException as exc:
             raise _failure(exc.args[0], "registering a new producer failed") from exc
 
@@ -260,8 +270,15 @@ class TransactionalPublisher:
         """Publish `records` in this order and commit `offsets` (next offsets to read) for
         the group, atomically. See the module docstring for what it raises."""
         try:
+            lane = self._lane
             await self._call(
-                _transaction, self._lane.producer, records, offsets, group_metadata, self._timeout_s
+                _transaction,
+                lane.producer,
+                records,
+                offsets,
+                group_metadata,
+                self._timeout_s,
+                lane.progress,
             )
         except PublishFatalError as exc:
             if not self._fence_tolerated():
@@ -287,12 +304,17 @@ class TransactionalPublisher:
         self._lane.retire()
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        lane = self._lane
         try:
             async with asyncio.timeout(self._watchdog_s):
-                return await self._lane.call(fn, *args)
+                return await lane.call(fn, *args)
         except TimeoutError as exc:
+            # Inert from now on, before anything else runs: the stuck call, should it
+            # return, must not go on to end the transaction.
+            lane.retire()
             raise ProducerFailedError(
-                f"a transactional call did not return within {self._watchdog_s:.0f} s"
+                f"a transactional call did not return within {self._watchdog_s:.0f} s "
+                f"({lane.progress.step})"
             ) from exc
 
 
@@ -305,6 +327,9 @@ class _Lane:
 
     def __init__(self, producer: Producer) -> None:
         self.producer = producer
+        # The call under way, and the give-up flag: once set, that call makes no further
+        # transactional call (a late send_offsets is never followed by a commit).
+        self.progress = _Progress()
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         NamedThread(target=self._serve, name="kafka-txn", daemon=True).start()
 
@@ -315,7 +340,9 @@ class _Lane:
         return await future
 
     def retire(self) -> None:
-        """Let the thread end after the call it may be in; the producer goes with it."""
+        """Give the producer up: the call it may be in makes no further call, and the
+        thread ends after it; the producer goes with it."""
+        self.progress.cancelled.set()
         self._calls.put(None)
 
     def _serve(self) -> None:
@@ -351,9 +378,31 @@ def _settle_call(future: asyncio.Future[Any], result: Any, error: BaseException 
 
 # -- transactional calls, made on a lane's thread -----------------------------------------
 
+# Pause between two tries of a retriable transactional call, doubling up to the maximum.
+# librdkafka answers a resumed call at once while its operation is still under way
+# (`__TIMED_OUT` for a call whose time is up), so retrying without a pause spins a core.
+RETRY_BACKOFF_S = 0.05
+RETRY_BACKOFF_MAX_S = 1.0
 
-def _init(producer: Producer, timeout_s: float) -> None:
-    _retrying(lambda: producer.init_transactions(timeout_s), time.monotonic() + timeout_s)
+
+class _Progress:
+    """Shared by a lane's thread and the event loop: the transactional call under way (the
+    watchdog names it) and the flag that gives the producer up."""
+
+    def __init__(self) -> None:
+        self.step = "idle"
+        self.cancelled = threading.Event()
+
+
+class _GivenUpError(Exception):
+    """The producer was given up while its call ran: no further call is made."""
+
+
+def _init(producer: Producer, timeout_s: float, progress: _Progress) -> None:
+    deadline = time.monotonic() + timeout_s
+    _retrying(
+        lambda: producer.init_transactions(_left(deadline)), deadline, progress, "init_transactions"
+    )
 
 
 def _transaction(
@@ -362,10 +411,22 @@ def _transaction(
     offsets: Mapping[tuple[str, int], int],
     group_metadata: object,
     timeout_s: float,
+    progress: _Progress,
 ) -> None:
-    deadline = time.monotonic() + timeout_s
+    """One transaction: the records, the offsets, the commit; an abort only where
+    librdkafka asks for one (module docstring).
+
+    A commit may outlast the transaction timeout (the coordinator no longer aborts a
+    transaction once its commit has reached it): it is waited for, not abandoned.
+    `commit_transaction(-1)` blocks until librdkafka has the coordinator's answer or an
+    error; retries of retriable errors end at twice the transaction timeout, and the
+    watchdog (`TransactionalPublisher`) bounds a call that blocks longer.
+    """
+    deadline = time.monotonic() + 2 * timeout_s
     try:
+        _check(progress, "begin_transaction")
         producer.begin_transaction()
+        progress.step = "produce"
         for record in records:
             _produce(producer, record)
         positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
@@ -374,15 +435,29 @@ def _transaction(
                 positions, group_metadata, _left(deadline)
             ),
             deadline,
+            progress,
+            "send_offsets_to_transaction",
         )
-        _retrying(lambda: producer.commit_transaction(_left(deadline)), deadline)
+        # -1, as librdkafka recommends (other values risk its state going out of step
+        # when a request fails): the call blocks until the coordinator has answered or an
+        # error comes; a retriable error is retried.
+        _retrying(lambda: producer.commit_transaction(-1), deadline, progress, "commit_transaction")
     except KafkaException as exc:
         error: KafkaError = exc.args[0]
         if error.fatal():
             raise _failure(error, "transactional producer failed") from exc
-        deadline = time.monotonic() + timeout_s
+        if not error.txn_requires_abort():
+            # Still retriable when the time was up, or an error without a recipe: whether
+            # the transaction commits is not known here, and abort would be refused while
+            # a commit is under way. A new producer's registration settles it.
+            raise ProducerFailedError(f"transaction outcome unknown: {error.str()}") from exc
         try:
-            _retrying(lambda: producer.abort_transaction(_left(deadline)), deadline)
+            _retrying(
+                lambda: producer.abort_transaction(_left(deadline)),
+                deadline,
+                progress,
+                "abort_transaction",
+            )
         except KafkaException as abort_exc:
             # Not aborted: this producer cannot go on; a new one must settle its transaction.
             raise _failure(abort_exc.args[0], "aborting the transaction failed") from abort_exc
@@ -406,9 +481,20 @@ def _left(deadline: float) -> float:
     return max(0.5, deadline - time.monotonic())
 
 
-def _retrying(call: Callable[[], None], deadline: float) -> None:
-    """Run `call`, again while librdkafka says the same call may succeed, until `deadline`."""
+def _check(progress: _Progress, step: str) -> None:
+    """About to make the call `step`: recorded for the watchdog, refused once given up."""
+    progress.step = step
+    if progress.cancelled.is_set():
+        raise _GivenUpError("the producer was given up; no further call is made")
+
+
+def _retrying(call: Callable[[], None], deadline: float, progress: _Progress, step: str) -> None:
+    """Run `call`, again after a pause while librdkafka says the same call may succeed
+    (the arguments are the same each time), until `deadline`. Raises `_GivenUpError`
+    instead of making a call once the producer is given up."""
+    delay = RETRY_BACKOFF_S
     while True:
+        _check(progress, step)
         try:
             call()
             return
@@ -416,6 +502,10 @@ def _retrying(call: Callable[[], None], deadline: float) -> None:
             error: KafkaError = exc.args[0]
             if not error.retriable() or time.monotonic() >= deadline:
                 raise
+            log.debug("transactional call retried", extra={"error": error.str()})
+        # Woken early by a give-up: the next round raises instead of calling.
+        progress.cancelled.wait(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
 
 
 # A newer producer registered our transactional.id: two processes think they own it.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from consumer.settings import DeliveryMode
 from devstack.kafka import KafkaBroker
 from tests.conftest import ServiceFactory, Topics
 from tests.integration.faults.harness import (
@@ -17,6 +18,7 @@ from tests.integration.faults.harness import (
     FaultRecord,
     LedgerWatch,
     ServiceGroup,
+    kafka_state,
     tiny_photos,
 )
 from tests.support.origin import ImageOrigin
@@ -42,16 +44,33 @@ class Plan:
         ),
     ],
 )
+@BOTH_MODES
 def test_kill_9_of_consumers_loses_nothing_and_duplicates_at_most_the_window(
     plan: Plan,
+    mode: str,
     kafka: KafkaBroker,
     topics: Topics,
     image_origin: ImageOrigin,
     start_service: ServiceFactory,
     fault_records: list[FaultRecord],
 ) -> None:
-    urls = tiny_photos(image_origin, "crash")
-    group = ServiceGroup(start_service, plan.consumers).start()
+    """At-least-once: duplicates within the dead processes' windows. Exactly-once:
+    none for read_committed readers, and each key's answers in input order."""
+    exactly_once = mode == DeliveryMode.EXACTLY_ONCE.value
+    urls = tiny_photos(image_origin, f"crash-{mode}")
+    group = ServiceGroup(
+        start_service,
+        plan.consumers,
+        env={"SUGGESTER_DELIVERY": mode},
+        # Exactly-once runs with static membership, as a StatefulSet gives it: a restarted
+        # process has its predecessor's group.instance.id and so its transactional.id,
+        # which fences the dead one's producer and aborts its open transaction at once.
+        slot_env=(
+            (lambda slot: {"SUGGESTER_KAFKA__GROUP_INSTANCE_ID": f"{topics.group}-{slot}"})
+            if exactly_once
+            else (lambda _slot: {})
+        ),
+    ).start()
     watch = LedgerWatch(kafka.bootstrap_servers, topics)
     rng = random.Random(9)
     kills = 0
@@ -72,25 +91,29 @@ def test_kill_9_of_consumers_loses_nothing_and_duplicates_at_most_the_window(
         group.restart(victims)
         ready_s.append(time.monotonic() - killed_at)
         flow.join()
-        watch.answered(before + plan.events, timeout_s=300, diagnostics=group.logs)
+        watch.answered(
+            before + plan.events,
+            timeout_s=300,
+            diagnostics=lambda: kafka_state(kafka.bootstrap_servers, topics) + group.logs(),
+        )
         drain_s.append(time.monotonic() - killed_at)
     elapsed = time.monotonic() - started
     assert group.terminate_all() == [0] * plan.consumers
     totals = watch.final_totals()
     watch.close()
 
-    # A crash repeats what the dead process had answered but not yet committed: at most
-    # its in-flight window (max_inflight plus one poll batch) and what it finished within
-    # one commit interval (1 s) at the rate measured here.
+    # At-least-once: a crash repeats what the dead process had answered but not yet
+    # committed: at most its in-flight window (max_inflight plus one poll batch) and what
+    # it finished within one commit interval (1 s) at the rate measured here.
     rate = totals.events / elapsed
     window = int(FAULT_ENV["SUGGESTER_CONSUMER__MAX_INFLIGHT"]) + int(
         FAULT_ENV["SUGGESTER_CONSUMER__POLL_BATCH"]
     )
-    bound = kills * (window + int(rate * 1.0) + 1)
+    bound = 0 if exactly_once else kills * (window + int(rate * 1.0) + 1)
     fault_records.append(
         FaultRecord(
             "kill -9 consumers",
-            f"at_least_once {plan.rounds}x{plan.events}",
+            f"{mode} {plan.rounds}x{plan.events}",
             totals,
             {
                 "kills": kills,
@@ -106,7 +129,11 @@ def test_kill_9_of_consumers_loses_nothing_and_duplicates_at_most_the_window(
     assert totals.lost == 0, totals.lost_sample
     assert totals.dead_lettered_total == 0
     assert totals.foreign == 0
-    assert totals.extra_answers <= bound, f"{totals.extra_answers} duplicates > bound {bound}"
+    assert totals.extra_answers <= bound, (
+        f"{totals.extra_answers} duplicates > bound {bound}: {totals.duplicated_sample}"
+    )
+    if exactly_once:
+        assert totals.keys_out_of_order == 0
 
 
 @pytest.mark.parametrize(

@@ -6,64 +6,21 @@ import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import numpy as np
 import pytest
 from confluent_kafka import Message
 from prometheus_client import CollectorRegistry
 
 from consumer.app import Pipeline, confidence_threshold
-from consumer.batch import BatchResult
-from consumer.errors import (
-    FetchRefusedError,
-    InferenceUnavailableError,
-    PublishError,
-    RecordTooLargeError,
-)
-from consumer.events import EventCodec, parse_dlq_headers
-from consumer.fetch import FetchedImage
+from consumer.delivery.at_least_once import AtLeastOnce
+from consumer.errors import PublishError, RecordTooLargeError
+from consumer.events import parse_dlq_headers
 from consumer.infer import ModelInfo
 from consumer.metrics import Metrics
 from consumer.settings import ConsumerSettings, Settings
 from tests.support.kafka import make_event
+from tests.support.pipeline import CODEC, LABELS, MODEL, FakeBatcher, FakeDecoder, GatedFetcher
 
-LABELS = ("books", "car", "furniture", "mobile", "motorcycle")
-MODEL = ModelInfo("category_classifier", "3", 8, 4, LABELS)
-CODEC = EventCodec()
 TOPIC = "in"
-
-
-class FakeFetcher:
-    def __init__(self) -> None:
-        self.gates: dict[str, asyncio.Event] = {}
-
-    async def fetch(self, url: str) -> FetchedImage:
-        if url.startswith("http://refused"):
-            raise FetchRefusedError("private address", reason="address_refused")
-        if url in self.gates:
-            await self.gates[url].wait()
-        return FetchedImage(
-            data=b"\xff\xd8\xff", format="JPEG", final_url=url, status=200, attempts=1,
-            redirects=0, elapsed_s=0.01,
-        )  # fmt: skip
-
-
-class FakeDecoder:
-    async def decode(self, data: bytes, size: int) -> tuple[np.ndarray, float]:
-        return np.zeros((size, size, 3), np.uint8), 0.001
-
-
-class FakeBatcher:
-    def __init__(self, failures: int = 0) -> None:
-        self.failures = failures
-        self.calls = 0
-
-    async def submit(self, image: np.ndarray) -> BatchResult:
-        self.calls += 1
-        if self.failures > 0:
-            self.failures -= 1
-            raise InferenceUnavailableError("triton down")
-        probabilities = np.array([0.1, 0.6, 0.1, 0.1, 0.1], np.float32)
-        return BatchResult(probabilities, queue_s=0.002, infer_s=0.01, batch_size=1)
 
 
 @dataclass
@@ -109,7 +66,7 @@ def message(offset: int, url: str = "http://origin/a.jpg", partition: int = 0) -
 
 def make_pipeline(
     *,
-    fetcher: FakeFetcher | None = None,
+    fetcher: GatedFetcher | None = None,
     batcher: FakeBatcher | None = None,
     publisher: FakePublisher | None = None,
     consumer: ConsumerSettings | None = None,
@@ -121,16 +78,17 @@ def make_pipeline(
     )
     metrics = Metrics(CollectorRegistry())
     publisher = publisher or FakePublisher()
+    stop = asyncio.Event()
     pipeline = Pipeline(
         settings,
         metrics,
         codec=CODEC,
-        fetcher=fetcher or FakeFetcher(),  # type: ignore[arg-type]
+        fetcher=fetcher or GatedFetcher(),  # type: ignore[arg-type]
         decoder=FakeDecoder(),  # type: ignore[arg-type]
         batcher=batcher or FakeBatcher(),  # type: ignore[arg-type]
-        publisher=publisher,  # type: ignore[arg-type]
+        delivery=AtLeastOnce(settings, metrics, publisher, stop=stop),  # type: ignore[arg-type]
         model=MODEL,
-        stop=asyncio.Event(),
+        stop=stop,
         on_fatal=lambda exc: None,
     )
     source = FakeSource()
@@ -169,7 +127,7 @@ async def test_good_and_bad_events_each_get_exactly_one_answer() -> None:
 
 
 async def test_offsets_are_stored_only_past_finished_prefixes() -> None:
-    fetcher = FakeFetcher()
+    fetcher = GatedFetcher()
     fetcher.gates["http://origin/slow.jpg"] = gate = asyncio.Event()
     pipeline, publisher, source, _ = make_pipeline(fetcher=fetcher)
     pipeline.on_messages([message(10, "http://origin/slow.jpg"), message(11), message(12)])
@@ -195,7 +153,7 @@ async def test_outages_are_retried_in_place_and_never_dead_lettered() -> None:
 
 
 async def test_events_are_released_to_the_source_once_answered() -> None:
-    fetcher = FakeFetcher()
+    fetcher = GatedFetcher()
     fetcher.gates["http://origin/held.jpg"] = gate = asyncio.Event()
     pipeline, _, source, _ = make_pipeline(fetcher=fetcher)
     pipeline.on_messages([message(i, "http://origin/held.jpg") for i in range(4)])
@@ -215,7 +173,7 @@ async def test_messages_refused_at_shutdown_are_released_at_once() -> None:
 
 
 async def test_revoke_waits_for_the_moving_partitions_work_then_returns_its_offsets() -> None:
-    fetcher = FakeFetcher()
+    fetcher = GatedFetcher()
     fetcher.gates["http://origin/held.jpg"] = gate = asyncio.Event()
     pipeline, _, _, _ = make_pipeline(fetcher=fetcher)
     pipeline.on_messages([message(0, partition=1), message(1, "http://origin/held.jpg", 1)])
@@ -227,7 +185,7 @@ async def test_revoke_waits_for_the_moving_partitions_work_then_returns_its_offs
 
 
 async def test_a_stuck_event_is_abandoned_after_the_grace_period_without_its_offset() -> None:
-    fetcher = FakeFetcher()
+    fetcher = GatedFetcher()
     fetcher.gates["http://origin/held.jpg"] = asyncio.Event()  # never set
     pipeline, _, _, _ = make_pipeline(
         fetcher=fetcher, consumer=ConsumerSettings(shutdown_grace_s=0.05)

@@ -7,60 +7,25 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import numpy as np
 import pytest
 from confluent_kafka import Message
 from prometheus_client import CollectorRegistry
 
 from consumer.app import Pipeline
-from consumer.batch import BatchResult
+from consumer.delivery.exactly_once import ExactlyOnce
 from consumer.errors import (
-    FetchRefusedError,
     ProducerFailedError,
     PublishError,
     PublishFatalError,
     SuggesterError,
 )
-from consumer.events import EventCodec
-from consumer.fetch import FetchedImage
-from consumer.infer import ModelInfo
 from consumer.metrics import Metrics
 from consumer.publish import OutputRecord
 from consumer.settings import ConsumerSettings, Settings
 from tests.support.kafka import make_event
+from tests.support.pipeline import CODEC, MODEL, FakeBatcher, FakeDecoder, GatedFetcher
 
-LABELS = ("books", "car", "furniture", "mobile", "motorcycle")
-MODEL = ModelInfo("category_classifier", "3", 8, 4, LABELS)
-CODEC = EventCodec()
 TOPIC = "in"
-
-
-class GatedFetcher:
-    """Fetches wait for their URL's gate, when it has one; `refused` URLs are bad input."""
-
-    def __init__(self) -> None:
-        self.gates: dict[str, asyncio.Event] = {}
-
-    async def fetch(self, url: str) -> FetchedImage:
-        if url.startswith("http://refused"):
-            raise FetchRefusedError("private address", reason="address_refused")
-        if url in self.gates:
-            await self.gates[url].wait()
-        return FetchedImage(
-            data=b"\xff\xd8\xff", format="JPEG", final_url=url, status=200, attempts=1,
-            redirects=0, elapsed_s=0.01,
-        )  # fmt: skip
-
-
-class FakeDecoder:
-    async def decode(self, data: bytes, size: int) -> tuple[np.ndarray, float]:
-        return np.zeros((size, size, 3), np.uint8), 0.001
-
-
-class FakeBatcher:
-    async def submit(self, image: np.ndarray) -> BatchResult:
-        probabilities = np.array([0.1, 0.6, 0.1, 0.1, 0.1], np.float32)
-        return BatchResult(probabilities, queue_s=0.002, infer_s=0.01, batch_size=1)
 
 
 @dataclass
@@ -73,9 +38,16 @@ class FakeTransactions:
     )
     attempts: int = 0
     resets: int = 0
+    reset_called: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # Set by a test: reset() waits for it (a new producer's registration taking its time).
+    reset_gate: asyncio.Event | None = None
 
     async def reset(self) -> None:
         self.resets += 1
+        self.reset_called.set()
+        if self.reset_gate is not None:
+            await self.reset_gate.wait()
 
     async def commit(
         self,
@@ -148,7 +120,7 @@ def message(offset: int, url: str, partition: int = 0) -> Message:
 
 def make_pipeline(
     transactions: FakeTransactions, fetcher: GatedFetcher, consumer: ConsumerSettings | None = None
-) -> tuple[Pipeline, FakeSource, list[SuggesterError]]:
+) -> tuple[Pipeline, ExactlyOnce, FakeSource, list[SuggesterError]]:
     settings = Settings(
         delivery="exactly_once",
         kafka={"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"},
@@ -156,22 +128,30 @@ def make_pipeline(
         consumer=consumer or ConsumerSettings(transaction_interval_s=0.001),
     )
     fatal: list[SuggesterError] = []
+    metrics = Metrics(CollectorRegistry())
+    stop = asyncio.Event()
+    delivery = ExactlyOnce(
+        settings,
+        metrics,
+        transactions,  # type: ignore[arg-type]
+        stop=stop,
+        on_fatal=fatal.append,
+    )
     pipeline = Pipeline(
         settings,
-        Metrics(CollectorRegistry()),
+        metrics,
         codec=CODEC,
         fetcher=fetcher,  # type: ignore[arg-type]
         decoder=FakeDecoder(),  # type: ignore[arg-type]
         batcher=FakeBatcher(),  # type: ignore[arg-type]
-        publisher=None,
-        transactions=transactions,  # type: ignore[arg-type]
+        delivery=delivery,
         model=MODEL,
-        stop=asyncio.Event(),
+        stop=stop,
         on_fatal=fatal.append,
     )
     source = FakeSource(pipeline=pipeline)
     pipeline.source = source  # type: ignore[assignment]
-    return pipeline, source, fatal
+    return pipeline, delivery, source, fatal
 
 
 async def settle() -> None:
@@ -183,7 +163,7 @@ async def test_answers_are_committed_in_offset_order_with_their_offsets() -> Non
     fetcher = GatedFetcher()
     fetcher.gates["http://o/slow.jpg"] = asyncio.Event()
     transactions = FakeTransactions()
-    pipeline, _source, _ = make_pipeline(transactions, fetcher)
+    pipeline, delivery, _source, _ = make_pipeline(transactions, fetcher)
     # Offset 10 is slow; 11-13 finish first, 12 is bad input (a DLQ record).
     pipeline.on_messages(
         [
@@ -194,13 +174,13 @@ async def test_answers_are_committed_in_offset_order_with_their_offsets() -> Non
         ]
     )
     await settle()
-    assert await pipeline.commit_answers()
+    assert await delivery.commit_answers()
     assert transactions.commits == [], "nothing may be published past an unanswered offset"
     assert pipeline.inflight == 4
 
     fetcher.gates["http://o/slow.jpg"].set()
     await settle()
-    assert await pipeline.commit_answers()
+    assert await delivery.commit_answers()
     (records, offsets), *_ = transactions.commits
     assert _sources(records) == [10, 11, 12, 13]
     assert [r.topic for r in records] == ["out", "out", "dlq", "out"]
@@ -213,7 +193,7 @@ async def test_partitions_commit_independently_in_one_transaction() -> None:
     transactions = FakeTransactions()
     fetcher = GatedFetcher()
     fetcher.gates["http://o/slow.jpg"] = asyncio.Event()
-    pipeline, _source, _ = make_pipeline(transactions, fetcher)
+    pipeline, delivery, _source, _ = make_pipeline(transactions, fetcher)
     pipeline.on_messages(
         [
             message(5, "http://o/a.jpg", partition=0),
@@ -223,7 +203,7 @@ async def test_partitions_commit_independently_in_one_transaction() -> None:
         ]
     )
     await settle()
-    assert await pipeline.commit_answers()
+    assert await delivery.commit_answers()
     [(records, offsets)] = transactions.commits
     assert offsets == {(TOPIC, 0): 6, (TOPIC, 1): 21}
     assert sorted(_sources(records)) == [5, 20]
@@ -232,34 +212,34 @@ async def test_partitions_commit_independently_in_one_transaction() -> None:
 
 async def test_an_aborted_transaction_is_sent_again_and_committed_once() -> None:
     transactions = FakeTransactions(failures=[PublishError("aborted"), PublishError("aborted")])
-    pipeline, _source, fatal = make_pipeline(transactions, GatedFetcher())
+    pipeline, delivery, _source, fatal = make_pipeline(transactions, GatedFetcher())
     pipeline.on_messages([message(o, f"http://o/{o}.jpg") for o in range(3)])
     await settle()
-    assert await pipeline.commit_answers()
+    assert await delivery.commit_answers()
     assert transactions.attempts == 3
     assert transactions.committed_offsets() == [0, 1, 2]
-    assert await pipeline.commit_answers()
+    assert await delivery.commit_answers()
     assert transactions.committed_offsets() == [0, 1, 2], "committed answers are not resent"
     assert not fatal
 
 
 async def test_a_fenced_producer_stops_the_service_and_commits_nothing() -> None:
     transactions = FakeTransactions(failures=[PublishFatalError("fenced")])
-    pipeline, _source, fatal = make_pipeline(transactions, GatedFetcher())
+    pipeline, delivery, _source, fatal = make_pipeline(transactions, GatedFetcher())
     pipeline.on_messages([message(0, "http://o/a.jpg")])
     await settle()
-    assert not await pipeline.commit_answers()
+    assert not await delivery.commit_answers()
     assert transactions.commits == []
     assert [type(e) for e in fatal] == [PublishFatalError]
 
 
 async def test_the_transaction_loop_commits_as_answers_become_ready() -> None:
     transactions = FakeTransactions()
-    pipeline, _source, _ = make_pipeline(transactions, GatedFetcher())
-    loop_task = asyncio.create_task(pipeline.run_transactions())
+    pipeline, delivery, _source, _ = make_pipeline(transactions, GatedFetcher())
+    loop_task = asyncio.create_task(delivery.run_transactions())
     pipeline.on_messages([message(o, f"http://o/{o}.jpg") for o in range(5)])
     assert await pipeline.wait_idle(5)
-    pipeline.stop_transactions()
+    delivery.stop_transactions()
     await loop_task
     assert transactions.committed_offsets() == [0, 1, 2, 3, 4]
 
@@ -268,7 +248,7 @@ async def test_revoke_commits_the_moving_partitions_finished_prefix_and_drops_th
     fetcher = GatedFetcher()
     fetcher.gates["http://o/stuck.jpg"] = asyncio.Event()
     transactions = FakeTransactions()
-    pipeline, _source, _ = make_pipeline(
+    pipeline, _delivery, _source, _ = make_pipeline(
         transactions, fetcher, ConsumerSettings(shutdown_grace_s=0.05)
     )
     pipeline.on_messages(
@@ -292,7 +272,7 @@ async def test_uncommitted_answers_hold_back_pressure_until_committed_or_lost(
     lost_during_commit: bool,
 ) -> None:
     transactions = FakeTransactions()
-    pipeline, source, _ = make_pipeline(
+    pipeline, delivery, source, _ = make_pipeline(
         transactions, GatedFetcher(), ConsumerSettings(max_inflight=4, resume_inflight=1)
     )
     pipeline.on_messages([message(o, f"http://o/{o}.jpg") for o in range(4)])
@@ -301,7 +281,7 @@ async def test_uncommitted_answers_hold_back_pressure_until_committed_or_lost(
     if lost_during_commit:
         pipeline.on_lost([(TOPIC, 0)])
     else:
-        assert await pipeline.commit_answers()
+        assert await delivery.commit_answers()
     assert source.released == 4
     assert pipeline.inflight == 0
     assert transactions.committed_offsets() == ([] if lost_during_commit else [0, 1, 2, 3])
@@ -309,8 +289,8 @@ async def test_uncommitted_answers_hold_back_pressure_until_committed_or_lost(
 
 async def test_a_broken_producer_is_replaced_and_the_partitions_rewound() -> None:
     transactions = FakeTransactions(failures=[ProducerFailedError("cannot end transaction")])
-    pipeline, source, fatal = make_pipeline(transactions, GatedFetcher())
-    loop_task = asyncio.create_task(pipeline.run_transactions())
+    pipeline, delivery, source, fatal = make_pipeline(transactions, GatedFetcher())
+    loop_task = asyncio.create_task(delivery.run_transactions())
     # Read before the seek: ignored, since whether their answers committed is unknown.
     source.during_rewind = [message(2, "http://o/late.jpg")]
     # Read again from the committed offset after the seek, and handed over before the
@@ -322,7 +302,33 @@ async def test_a_broken_producer_is_replaced_and_the_partitions_rewound() -> Non
     assert source.rewinds == 1
     assert transactions.resets == 1
     assert await pipeline.wait_idle(5)
-    pipeline.stop_transactions()
+    delivery.stop_transactions()
     await loop_task
     assert transactions.committed_offsets() == [0, 1]
+    assert not fatal
+
+
+async def test_a_partition_assigned_while_the_producer_is_replaced_waits_for_the_rewind() -> None:
+    # From the producer's failure to the end of the rewind, no message is processed, of
+    # any partition, including one assigned meanwhile: its offset was read before the
+    # old transaction was settled, and only the rewind places it on the committed one.
+    transactions = FakeTransactions(failures=[ProducerFailedError("watchdog")])
+    transactions.reset_gate = asyncio.Event()
+    fetcher = GatedFetcher()
+    pipeline, delivery, source, fatal = make_pipeline(transactions, fetcher)
+    loop_task = asyncio.create_task(delivery.run_transactions())
+    pipeline.on_messages([message(0, "http://o/a.jpg")])
+    await asyncio.wait_for(transactions.reset_called.wait(), 5)
+    pipeline.on_assigned([(TOPIC, 1)])
+    pipeline.on_messages([message(7, "http://o/early.jpg", partition=1)])
+    await settle()
+    assert "http://o/early.jpg" not in fetcher.fetched
+    source.after_seek = [message(0, "http://o/a.jpg"), message(5, "http://o/p1.jpg", partition=1)]
+    transactions.reset_gate.set()
+    await asyncio.wait_for(source.rewound.wait(), 5)
+    assert await pipeline.wait_idle(5)
+    delivery.stop_transactions()
+    await loop_task
+    assert sorted(transactions.committed_offsets()) == [0, 5]
+    assert "http://o/early.jpg" not in fetcher.fetched
     assert not fatal

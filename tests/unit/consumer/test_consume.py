@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import TopicPartition
+import pytest
+from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumer.consume import KafkaSource, Partition
@@ -32,6 +34,16 @@ class FakeMessage:
         return self._offset
 
 
+@dataclass(frozen=True)
+class UnreadOffset:
+    """A committed offset librdkafka could not read (TopicPartition's error is read-only)."""
+
+    topic: str
+    partition: int
+    offset: int
+    error: KafkaError
+
+
 class BatchWaitingConsumer:
     """Behaves like librdkafka's batch consume: returns at once only when the whole batch
     is there (or the timeout is 0); otherwise it waits for the timeout. Instead of
@@ -53,6 +65,9 @@ class BatchWaitingConsumer:
         # Set by a test: partitions assigned at the next poll (a rebalance).
         self.assign_next: list[TopicPartition] = []
         self.reassigned = threading.Event()
+        # Set by a test: errors that the next reads of committed offsets come back with.
+        self.committed_errors: list[KafkaError] = []
+        self.seeks: list[int] = []
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.on_assign = callbacks["on_assign"]
@@ -90,9 +105,17 @@ class BatchWaitingConsumer:
         self.stored_event.set()
 
     def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        if self.committed_errors:
+            # As librdkafka answers a partition it could not read: no offset, an error.
+            error = self.committed_errors.pop(0)
+            return [
+                UnreadOffset(tp.topic, tp.partition, OFFSET_INVALID, error)  # type: ignore[misc]
+                for tp in partitions
+            ]
         return [TopicPartition(tp.topic, tp.partition, 0) for tp in partitions]
 
     def seek(self, position: TopicPartition) -> None:
+        self.seeks.append(position.offset)
         with self.lock:
             self.available = [FakeMessage(i) for i in range(position.offset, self.total)]
 
@@ -178,6 +201,27 @@ async def test_a_rewind_runs_then_between_the_reads_before_the_seek_and_after_it
         await source.close({})
     assert handed_at_then == [5]
     assert handler.offsets == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+
+
+async def test_a_committed_offset_read_with_an_error_fails_the_rewind_and_seeks_nothing() -> None:
+    # Taken for "nothing committed", the partition would be replayed from its beginning.
+    fake = BatchWaitingConsumer(available=5)
+    handler = Handler(expected=5)
+    source = started_source(fake, handler, ConsumerSettings(poll_batch=500))
+    fake.committed_errors = [KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS, "loading")]
+    then_ran: list[bool] = []
+    try:
+        await asyncio.wait_for(handler.all_there.wait(), timeout=10)
+        with pytest.raises(KafkaException, match="loading"):
+            await source.rewind(then=lambda: then_ran.append(True))
+        assert fake.seeks == []
+        assert then_ran == []
+        # Tried again, it reads the committed offset and seeks there.
+        await source.rewind(then=lambda: then_ran.append(True))
+        assert fake.seeks == [0]
+        assert then_ran == [True]
+    finally:
+        await source.close({})
 
 
 async def test_at_the_mark_the_source_waits_for_credit_without_pausing() -> None:

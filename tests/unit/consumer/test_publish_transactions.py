@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from consumer.errors import ProducerFailedError, PublishError, PublishFatalError
-from consumer.publish import OutputRecord, TransactionalPublisher
+from consumer.publish import RETRY_BACKOFF_S, OutputRecord, TransactionalPublisher
 from consumer.settings import Settings
 
 SETTINGS = Settings(
@@ -19,17 +23,29 @@ SETTINGS = Settings(
 
 
 class FakeProducer:
-    """Records the calls; `fail` maps a method to the KafkaError it raises once."""
+    """Records the calls; `fail` maps a method to the KafkaError it raises once, or to a
+    function that returns the error for this call (None: succeed)."""
 
     def __init__(self, conf: dict[str, Any], calls: list[str]) -> None:
         self.conf = conf
         self.calls = calls
-        self.fail: dict[str, KafkaError] = {}
+        self.fail: dict[str, KafkaError | Callable[[], KafkaError | None]] = {}
         self.block: threading.Event | None = None
+        # (name, monotonic time) of every call, and the arguments of each send_offsets.
+        self.times: list[tuple[str, float]] = []
+        self.offsets_args: list[tuple[list[Any], object]] = []
+        self.thread: threading.Thread | None = None
 
     def _call(self, name: str) -> None:
         self.calls.append(name)
-        if name in self.fail:
+        self.times.append((name, time.monotonic()))
+        self.thread = threading.current_thread()
+        failure = self.fail.get(name)
+        if callable(failure):
+            error = failure()
+            if error is not None:
+                raise KafkaException(error)
+        elif failure is not None:
             raise KafkaException(self.fail.pop(name))
 
     def init_transactions(self, timeout: float) -> None:
@@ -43,6 +59,7 @@ class FakeProducer:
 
     def send_offsets_to_transaction(self, positions: list[Any], metadata: object, timeout: float):  # type: ignore[no-untyped-def]
         self.calls.append("offsets " + ",".join(f"{p.partition}:{p.offset}" for p in positions))
+        self.offsets_args.append((positions, metadata))
         if self.block is not None:
             self.block.wait()
         self._call("send_offsets")
@@ -175,4 +192,94 @@ async def test_a_call_that_never_returns_breaks_the_producer_and_reset_replaces_
     await publisher.commit(RECORDS, OFFSETS, object())
     assert factory.calls[-1] == "commit"
     stuck.set()  # the old producer's thread ends; nothing it does reaches the new one
+    await publisher.close()
+
+
+def retriable(code: int, times: int) -> Callable[[], KafkaError | None]:
+    """Fails `times` times with a retriable `code`, then succeeds."""
+    left = [times]
+
+    def fail() -> KafkaError | None:
+        if left[0] == 0:
+            return None
+        left[0] -= 1
+        return KafkaError(code, "not yet", retriable=True)
+
+    return fail
+
+
+async def test_a_commit_slower_than_the_transaction_timeout_is_waited_for_not_aborted() -> None:
+    # librdkafka: a commit that times out goes on in the background and is resumed by
+    # calling commit_transaction again; only txn_requires_abort() calls for an abort. The
+    # transaction timeout here is 1 s: the commit answers after 1.3 s.
+    factory = Factory()
+    publisher = await started(factory)
+    slow_until = time.monotonic() + 1.3
+
+    def commit_in_progress() -> KafkaError | None:
+        if time.monotonic() < slow_until:
+            return KafkaError(KafkaError._TIMED_OUT, "still committing", retriable=True)
+        return None
+
+    factory.producers[0].fail["commit"] = commit_in_progress
+    await publisher.commit(RECORDS, OFFSETS, object())
+    assert "abort" not in factory.calls
+    assert factory.calls[-1] == "commit"
+    assert len(factory.producers) == 1
+
+
+async def test_retries_of_offsets_and_commit_pause_and_repeat_the_same_arguments() -> None:
+    factory = Factory()
+    publisher = await started(factory)
+    producer = factory.producers[0]
+    producer.fail["send_offsets"] = retriable(KafkaError.COORDINATOR_LOAD_IN_PROGRESS, 2)
+    producer.fail["commit"] = retriable(KafkaError._TIMED_OUT, 2)
+    metadata = object()
+    await publisher.commit(RECORDS, OFFSETS, metadata)
+    assert [n for n, _ in producer.times].count("send_offsets") == 3
+    assert [n for n, _ in producer.times].count("commit") == 3
+    (first, first_metadata), *others = producer.offsets_args
+    for positions, again in others:
+        assert again is first_metadata is metadata
+        assert [(p.topic, p.partition, p.offset) for p in positions] == [
+            (p.topic, p.partition, p.offset) for p in first
+        ]
+    for name in ("send_offsets", "commit"):
+        times = [t for n, t in producer.times if n == name]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert min(gaps) >= RETRY_BACKOFF_S * 0.9, f"{name} retried without a pause: {gaps}"
+    assert "abort" not in factory.calls
+
+
+async def test_only_an_abortable_error_aborts_an_unknown_outcome_breaks_the_producer() -> None:
+    factory = Factory()
+    publisher = await started(factory)
+    # A commit that gives an error with no recipe (neither retriable, abortable nor
+    # fatal): the commit may have reached the coordinator, so abort is no answer.
+    factory.producers[0].fail["commit"] = KafkaError(KafkaError._STATE, "odd state")
+    with pytest.raises(ProducerFailedError, match="outcome unknown"):
+        await publisher.commit(RECORDS, OFFSETS, object())
+    assert "abort" not in factory.calls
+
+
+async def test_a_producer_given_up_by_the_watchdog_never_commits_after_a_late_call() -> None:
+    # The watchdog gives up on a send_offsets that does not return; when it does return,
+    # the old producer must not go on to commit_transaction (EndTxn): it is inert.
+    factory = Factory()
+    publisher = await started(factory, watchdog_s=0.2)
+    stuck = threading.Event()
+    old = factory.producers[0]
+    old.block = stuck
+    with pytest.raises(ProducerFailedError, match=r"did not return .*send_offsets_to_transaction"):
+        await publisher.commit(RECORDS, OFFSETS, object())
+    calls_when_given_up = len(factory.calls)
+    stuck.set()
+    assert old.thread is not None
+    await asyncio.to_thread(old.thread.join, 5)
+    assert not old.thread.is_alive()
+    late = factory.calls[calls_when_given_up:]
+    assert late == ["send_offsets"], f"the given-up producer went on: {late}"
+    await publisher.reset()
+    await publisher.commit(RECORDS, OFFSETS, object())
+    assert factory.calls[-1] == "commit"
     await publisher.close()

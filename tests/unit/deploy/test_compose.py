@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,14 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 DEVICES = ("gpu", "cpu")
 
 Service = dict[str, Any]
+
+
+def _tested_kafka_version() -> str:
+    """The Kafka version devstack runs, which every integration test runs against."""
+    pom = ET.parse(REPO_ROOT / "devstack" / "maven" / "kafka.xml")
+    [version] = [e.text for e in pom.iter() if e.tag.endswith("kafka.version")]
+    assert version is not None
+    return version
 
 
 def _config(docker_compose: str, device: str) -> dict[str, Any]:
@@ -89,6 +98,9 @@ def test_kafka_is_a_kraft_node_advertising_container_and_host_addresses(
 ) -> None:
     kafka = _service(config, "kafka")
     assert kafka["image"].startswith("apache/kafka:")
+    assert kafka["image"] == f"apache/kafka:{_tested_kafka_version()}", (
+        "compose runs the broker version the tests run (devstack/maven/kafka.xml)"
+    )
     env = kafka["environment"]
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
     listeners = _listeners(env["KAFKA_LISTENERS"])
