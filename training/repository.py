@@ -432,12 +432,20 @@ def bootstrap(
     return served
 
 
+def committed_config(kind: Kind) -> str:
+    """The config.pbtxt committed for `kind`: the cold-start model's, the one `bootstrap`
+    serves on a fresh clone, so that `make run` leaves the committed files as they are."""
+    from training.zero_shot import IMAGE_SIZE, served_parameters
+
+    return render_config(kind, image_size=IMAGE_SIZE, parameters=served_parameters())
+
+
 def render_committed(repo_root: Path = COMMITTED_ROOT) -> None:
     """Rewrite the committed configs and labels from the defaults."""
     for kind in KINDS:
         directory = model_dir(repo_root, kind)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_if_changed(directory / CONFIG_FILE, render_config(kind))
+        _write_if_changed(directory / CONFIG_FILE, committed_config(kind))
         _write_if_changed(directory / LABELS_FILE, format_labels(DEFAULT_LABELS))
 
 

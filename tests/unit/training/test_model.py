@@ -40,6 +40,7 @@ from training.repository import (
     MODEL_NAME,
     add_version,
     bootstrap,
+    committed_config,
     latest_version,
     model_dir,
     render_config,
@@ -228,7 +229,7 @@ def test_labels_round_trip_and_refuse_ambiguity(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_committed_config_is_the_rendered_one(kind: str) -> None:
     directory = model_dir(COMMITTED_ROOT, kind)
-    assert (directory / "config.pbtxt").read_text() == render_config(kind)
+    assert (directory / "config.pbtxt").read_text() == committed_config(kind)
     assert read_labels(directory / "labels.txt") == list(DEFAULT_LABELS)
 
 

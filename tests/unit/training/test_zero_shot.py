@@ -24,7 +24,7 @@ from training.model import (
     read_onnx_contract,
     served_labels,
 )
-from training.repository import bootstrap, model_dir, served_description
+from training.repository import bootstrap, committed_config, model_dir, served_description
 from training.zero_shot import (
     CATEGORY_MAP,
     CATEGORY_MAP_COLUMNS,
@@ -177,6 +177,8 @@ def test_bootstrap_serves_the_zero_shot_model_and_random_only_when_asked(tmp_pat
         assert "dims: [ 224, 224, 3 ]" in config
         assert 'key: "confidence_threshold"' in config
         assert "zero-shot" in (served_description(zero_shot, kind) or "")
+        # What a fresh clone's `make run` writes is what is committed: the tree stays clean.
+        assert config == committed_config(kind)
     assert bootstrap(random, model="random") == {"cpu": 1, "gpu": 1}
     assert "RANDOMLY INITIALISED" in (served_description(random, "cpu") or "")
     assert (
