@@ -168,9 +168,7 @@ class KafkaProxy:
     ) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
-                size_bytes = await reader.readexactly(4)
-                (size,) = struct.unpack(">i", size_bytes)
-                body = await reader.readexactly(size)
+                size_bytes, body = await _read_frame(reader)
                 api_key, _version, correlation_id = struct.unpack(">hhi", body[:8])
                 rule = self._match(api_key)
                 if rule is not None:
@@ -184,9 +182,7 @@ class KafkaProxy:
     ) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
-                size_bytes = await reader.readexactly(4)
-                (size,) = struct.unpack(">i", size_bytes)
-                body = await reader.readexactly(size)
+                size_bytes, body = await _read_frame(reader)
                 (correlation_id,) = struct.unpack(">i", body[:4])
                 rule = held.pop(correlation_id, None)
                 if rule is not None:
@@ -197,3 +193,10 @@ class KafkaProxy:
                              time.monotonic() - started)  # fmt: skip
                 writer.write(size_bytes + body)
                 await writer.drain()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One Kafka frame: its 4-byte big-endian size prefix and the body that follows."""
+    size_bytes = await reader.readexactly(4)
+    (size,) = struct.unpack(">i", size_bytes)
+    return size_bytes, await reader.readexactly(size)
