@@ -1,4 +1,8 @@
-"""Command line: `python -m consumer run | web | replay-dlq | produce-sample`."""
+"""Command line: `python -m consumer run | web | ledger | replay-dlq | produce-sample`.
+
+`run` and `web` start the service and the try-a-photo page; the operator commands live in
+`consumer/ops/`, one module each.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,14 @@ from pydantic import ValidationError
 
 from consumer import logs
 from consumer.errors import SuggesterError
+from consumer.ops import Command, ledger, produce_sample, replay_dlq
 from consumer.settings import Settings
+
+OPERATOR_COMMANDS: dict[str, Command] = {
+    "ledger": ledger,
+    "replay-dlq": replay_dlq,
+    "produce-sample": produce_sample,
+}
 
 
 def settings_error_text(error: ValidationError) -> str:
@@ -49,46 +60,21 @@ async def _run_service(settings: Settings) -> None:
         sys.exit(f"stopped: {service.failure.message}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="python -m consumer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the service until SIGTERM/SIGINT")
     commands.add_parser(
         "web", help="serve the try-a-photo page (SUGGESTER_WEB__HOST/PORT) until SIGTERM/SIGINT"
     )
+    for name, command in OPERATOR_COMMANDS.items():
+        command.add_arguments(commands.add_parser(name, help=command.HELP))
+    return parser
 
-    replay = commands.add_parser(
-        "replay-dlq", help="re-publish dead-letter records into the input topic"
-    )
-    replay.add_argument("--reason", action="append", help="only records with this reason")
-    replay.add_argument("--max", type=int, default=None, help="stop after this many records")
-    replay.add_argument("--dry-run", action="store_true", help="list, do not publish")
-    replay.add_argument(
-        "--group", default="category-suggester-replay", help="consumer group of the replayer"
-    )
 
-    sample = commands.add_parser(
-        "produce-sample", help="publish events for images in a folder or a URL list"
-    )
-    sample.add_argument(
-        "--images", required=True, help="a folder of images, or a text file of image URLs"
-    )
-    sample.add_argument("--serve-host", default="127.0.0.1")
-    sample.add_argument("--serve-port", type=int, default=8090, help="port the folder is served on")
-    sample.add_argument("--count", type=int, default=None, help="events to publish (cycles)")
-    sample.add_argument(
-        "--wait-s", type=float, default=60.0, help="wait this long for the answers (0: don't)"
-    )
-
-    from consumer import ledger
-
-    ledger.add_arguments(
-        commands.add_parser(
-            "ledger", help="check that every input event was answered once (read_committed)"
-        )
-    )
-
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     settings = _settings()
     logs.configure(settings.observability.log_level)
 
@@ -101,27 +87,8 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(serve(settings))
         except (RuntimeError, OSError) as exc:
             sys.exit(f"the page could not start: {exc}")
-    elif args.command == "replay-dlq":
-        from consumer.tools import replay_dlq
-
-        replayed = replay_dlq(
-            settings, reasons=args.reason, limit=args.max, dry_run=args.dry_run, group=args.group
-        )
-        print(f"{'would replay' if args.dry_run else 'replayed'} {replayed} record(s)")
-    elif args.command == "produce-sample":
-        from consumer.tools import produce_sample
-
-        ok = produce_sample(
-            settings,
-            source=args.images,
-            host=args.serve_host,
-            port=args.serve_port,
-            count=args.count,
-            wait_s=args.wait_s,
-        )
-        sys.exit(0 if ok else 1)
-    elif args.command == "ledger":
-        sys.exit(ledger.run(args))
+    else:
+        sys.exit(OPERATOR_COMMANDS[args.command].run(args, settings))
 
 
 if __name__ == "__main__":

@@ -52,13 +52,13 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from tritonclient.utils import InferenceServerException
 
 from consumer.app import make_codec
+from consumer.client import Answer, read_answer, sample_event
 from consumer.errors import EventDecodeError, FetchFailedError, FetchRefusedError, PublishError
 from consumer.events import EventCodec, ListingImageUploaded
 from consumer.fetch import ImageFetcher
 from consumer.publish import Publisher
 from consumer.settings import Settings
 from consumer.threads import NamedThread
-from consumer.tools import Answer, read_answer, sample_event
 
 __all__ = [
     "KafkaAnswers",

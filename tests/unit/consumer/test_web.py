@@ -17,11 +17,11 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from consumer.client import Answer
 from consumer.errors import PublishError
 from consumer.events import DlqInfo, ListingImageUploaded
 from consumer.fetch import ImageFetcher
 from consumer.settings import FetchSettings, Settings, WebSettings
-from consumer.tools import Answer
 from consumer.web import PHOTOS, Readiness, create_app, origin_allowed
 from tests.support.images import photo
 from tests.support.kafka import make_suggestion

@@ -10,8 +10,8 @@ from confluent_kafka import Consumer, Producer
 
 from consumer.app import DLQ_VALUE_OMITTED_HEADER
 from consumer.events import DlqInfo, dlq_headers
+from consumer.ops.replay_dlq import replay_dlq
 from consumer.settings import KafkaSettings, Settings
-from consumer.tools import replay_dlq
 from devstack.kafka import KafkaBroker
 from tests.conftest import Topics
 

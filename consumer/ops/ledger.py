@@ -34,10 +34,10 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from confluent_kafka import (
     Consumer,
@@ -49,8 +49,12 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from consumer.app import make_codec  # moved by events split
 from consumer.errors import EventDecodeError, RegistryError
 from consumer.events import EventCodec, parse_dlq_headers
+from consumer.settings import Settings
+
+HELP: Final = "check that every input event was answered once (read_committed)"
 
 Position = tuple[int, int]  # (partition, offset) in the input topic
 
@@ -409,18 +413,7 @@ def read_ledger(
         return ledger.totals(), complete
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m consumer.ledger`: print the ledger of three topics; 1 if lost/duplicated."""
-    parser = argparse.ArgumentParser(
-        prog="python -m consumer.ledger",
-        description="Check that every input event was answered exactly once (read_committed).",
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ledger's options, for a parser or a subcommand of `python -m consumer`."""
     parser.add_argument("--input", help="input topic (default: the service's setting)")
     parser.add_argument("--output", help="output topic (default: the service's setting)")
     parser.add_argument("--dlq", help="dead-letter topic (default: the service's setting)")
@@ -429,12 +422,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the totals as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the ledger for parsed `add_arguments` options; returns the exit status."""
-    from consumer.app import make_codec
-    from consumer.settings import Settings
-
-    settings = Settings()
     kafka = settings.kafka
     conf = kafka.common_config()
     if args.bootstrap:
@@ -466,7 +455,3 @@ def run(args: argparse.Namespace) -> int:
         if totals.duplicated_sample:
             print("duplicated (partition:offset):", " ".join(totals.duplicated_sample))
     return 0 if complete and totals.lost == 0 and totals.duplicated == 0 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The answer reader shared by produce-sample and the try-a-photo page (consumer/tools.py)."""
+"""The answer reader shared by produce-sample and the try-a-photo page (consumer/client.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 from confluent_kafka import Message
 
+from consumer.client import read_answer, sample_event
 from consumer.errors import EventDecodeError
 from consumer.events import DlqInfo, EventCodec, dlq_headers
-from consumer.tools import read_answer, sample_event
 from tests.support.kafka import make_suggestion
 
 CODEC = EventCodec()

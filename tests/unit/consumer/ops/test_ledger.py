@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumer.ledger import InputRecord, LedgerRecords, tally
+from consumer.ops.ledger import InputRecord, LedgerRecords, tally
 
 
 def records(

@@ -1,0 +1,71 @@
+"""A command-line tool loads what it uses: no service wiring, no Triton client, no aiohttp.
+
+Each module is imported in a fresh interpreter, which then lists what of the service's
+own runtime it loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+# The service's wiring, its inference client and its HTTP client (fetch, health, the page).
+SERVICE_ONLY = ("consumer.app", "tritonclient", "aiohttp")
+
+_LIST_LOADED = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+service_only = sys.argv[2].split(",")
+loaded = [name for name in sys.modules if any(
+    name == root or name.startswith(root + ".") for root in service_only)]
+print(json.dumps(sorted(loaded)))
+"""
+
+# make_codec and the DLQ record helpers still live in consumer.app, which loads the Triton
+# client and aiohttp; these pass once the commands import them from consumer.events.
+_CODEC_IN_APP = pytest.mark.xfail(
+    strict=True, reason="make_codec and the DLQ record helpers are still in consumer.app"
+)
+
+COMMAND_MODULES = [
+    pytest.param("consumer.__main__", marks=_CODEC_IN_APP),
+    pytest.param("consumer.ops.ledger", marks=_CODEC_IN_APP),
+    pytest.param("consumer.ops.replay_dlq", marks=_CODEC_IN_APP),
+    pytest.param("consumer.ops.produce_sample", marks=_CODEC_IN_APP),
+    "consumer.ops.image_folder",
+    # What the commands are built on.
+    "consumer.client",
+    "consumer.events",
+    "consumer.settings",
+    "consumer.publish",
+]
+
+
+def loaded_service_modules(module: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", _LIST_LOADED, module, ",".join(SERVICE_ONLY)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded: list[str] = json.loads(done.stdout)
+    return loaded
+
+
+@pytest.mark.parametrize("module", COMMAND_MODULES)
+def test_a_command_loads_no_service_internals(module: str) -> None:
+    assert loaded_service_modules(module) == []
+
+
+def test_the_check_sees_what_the_service_loads() -> None:
+    loaded = loaded_service_modules("consumer.app")
+    roots = {"consumer.app" if name == "consumer.app" else name.split(".")[0] for name in loaded}
+    assert roots == set(SERVICE_ONLY)
