@@ -8,8 +8,6 @@ inflate; the wall time is reported beside it.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,8 @@ from consumer.preprocess import ACCEPTED_FORMATS, sniff_format
 from consumer.settings import DecodeSettings
 from tests.corpus import SUGGESTED
 from tests.corpus.images import WORST_CASES, ImageCase, image_cases, worst_case_image
+from tests.support.python import run_python
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SIZE = 112
 MAX_PIXELS = DecodeSettings().max_pixels
 MAX_PIXELS_LOSSLESS = DecodeSettings().max_pixels_lossless
@@ -33,15 +31,8 @@ RSS_BOUND = 1024 * 1024 * 1024
 
 def measure(files: list[Path], lossless_limit: int = MAX_PIXELS_LOSSLESS) -> list[dict[str, Any]]:
     limits = [str(SIZE), str(MAX_PIXELS), str(lossless_limit)]
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.corpus.measure_decode", *limits] + [str(f) for f in files],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    files_args = [str(f) for f in files]
+    result = run_python("-m", "tests.corpus.measure_decode", *limits, *files_args)
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, Message, Producer
 from consumer.events import (
     CategoryScore,
     CategorySuggestion,
+    DlqInfo,
     EventCodec,
     ListingImageUploaded,
     StageTimings,
@@ -51,6 +52,24 @@ def make_suggestion(**fields: object) -> CategorySuggestion:
     }
     values.update(fields)
     return CategorySuggestion.model_validate(values)
+
+
+def make_dlq_info(**fields: object) -> DlqInfo:
+    """Valid dead-letter headers: an image the fetch step refused; `fields` replace any."""
+    values: dict[str, object] = {
+        "error_class": "FetchRefusedError",
+        "stage": "fetch",
+        "reason": "not_an_image",
+        "message": "body is not an image",
+        "original_topic": "in",
+        "original_partition": 0,
+        "original_offset": 0,
+        "attempts": 1,
+        "failed_at": datetime.now(UTC),
+        "service_version": "0.1.0",
+    }
+    values.update(fields)
+    return DlqInfo.model_validate(values)
 
 
 def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:

@@ -1,21 +1,106 @@
-"""Fakes for the pipeline's I/O steps (fetch, decode, infer), shared by its unit tests in
-both delivery modes (tests/unit/consumer/test_app*.py)."""
+"""The pipeline under test with fakes for its I/O steps (fetch, decode, infer), shared by
+its unit tests in both delivery modes (tests/unit/consumer/test_app*.py).
+
+`pipeline_settings` and `make_pipeline` build a pipeline on the topics `in`, `out` and
+`dlq` with millisecond retries; `message` makes an input record; each test module brings
+its delivery mode's fake (a publisher, or transactions) and a source (`FakeSource`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import numpy as np
+from confluent_kafka import Message
+from prometheus_client import CollectorRegistry
 
+from consumer.app import Pipeline
 from consumer.batch import BatchResult
-from consumer.errors import FetchRefusedError, InferenceUnavailableError
+from consumer.delivery import Delivery
+from consumer.errors import FetchRefusedError, InferenceUnavailableError, SuggesterError
 from consumer.events import EventCodec
 from consumer.fetch import FetchedImage
 from consumer.infer import ModelInfo
+from consumer.metrics import Metrics
+from consumer.settings import Settings
+from tests.support.kafka import make_event
 
 LABELS = ("books", "car", "furniture", "mobile", "motorcycle")
 MODEL = ModelInfo("category_classifier", "3", 8, 4, LABELS)
 CODEC = EventCodec()
+TOPIC = "in"
+
+D = TypeVar("D", bound=Delivery)
+
+
+def pipeline_settings(**fields: Any) -> Settings:
+    """Settings on the topics in, out and dlq, retrying after a millisecond or two;
+    `fields` add to or replace the top-level ones."""
+    values: dict[str, Any] = {
+        "kafka": {"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"},
+        "triton": {"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
+    }
+    return Settings(**(values | fields))
+
+
+def message(
+    offset: int,
+    url: str = "http://origin/a.jpg",
+    partition: int = 0,
+    headers: Sequence[tuple[str, bytes]] = (),
+) -> Message:
+    """An input record at `offset` holding a fresh event for `url`."""
+    event = make_event(url, uploaded_at=datetime.now(UTC))
+    return Message(
+        topic=TOPIC, partition=partition, offset=offset, key=event.listing_id.encode(),
+        value=CODEC.encode_uploaded(event), headers=list(headers),
+    )  # fmt: skip
+
+
+def make_pipeline(
+    settings: Settings,
+    delivery: Callable[[Metrics, asyncio.Event], D],
+    *,
+    fetcher: GatedFetcher | None = None,
+    batcher: FakeBatcher | None = None,
+    on_fatal: Callable[[SuggesterError], None] = lambda exc: None,
+) -> tuple[Pipeline, D, Metrics]:
+    """A pipeline with the fakes below; `delivery(metrics, stop)` builds its delivery."""
+    metrics = Metrics(CollectorRegistry())
+    stop = asyncio.Event()
+    bound = delivery(metrics, stop)
+    pipeline = Pipeline(
+        settings,
+        metrics,
+        codec=CODEC,
+        fetcher=fetcher or GatedFetcher(),  # type: ignore[arg-type]
+        decoder=FakeDecoder(),  # type: ignore[arg-type]
+        batcher=batcher or FakeBatcher(),  # type: ignore[arg-type]
+        delivery=bound,
+        model=MODEL,
+        stop=stop,
+        on_fatal=on_fatal,
+    )
+    return pipeline, bound, metrics
+
+
+@dataclass
+class FakeSource:
+    """The consumer side the pipeline hands events back to: stored offsets are recorded,
+    released events counted."""
+
+    stored: list[dict[tuple[str, int], int]] = field(default_factory=list)
+    released: int = 0
+
+    def store(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.stored.append(dict(offsets))
+
+    def release(self, count: int) -> None:
+        self.released += count
 
 
 class GatedFetcher:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import pytest
 from confluent_kafka import Message
-from prometheus_client import CollectorRegistry
 
 from consumer.app import Pipeline, confidence_threshold
 from consumer.delivery.at_least_once import AtLeastOnce
@@ -17,10 +15,16 @@ from consumer.events import parse_dlq_headers
 from consumer.infer import ModelInfo
 from consumer.metrics import Metrics
 from consumer.settings import ConsumerSettings, Settings
-from tests.support.kafka import make_event
-from tests.support.pipeline import CODEC, LABELS, MODEL, FakeBatcher, FakeDecoder, GatedFetcher
-
-TOPIC = "in"
+from tests.support import pipeline as support
+from tests.support.pipeline import (
+    CODEC,
+    LABELS,
+    TOPIC,
+    FakeBatcher,
+    FakeSource,
+    GatedFetcher,
+    pipeline_settings,
+)
 
 
 @dataclass
@@ -44,24 +48,8 @@ class FakePublisher:
             await self.changed.wait()
 
 
-@dataclass
-class FakeSource:
-    stored: list[dict[tuple[str, int], int]] = field(default_factory=list)
-    released: int = 0
-
-    def store(self, offsets: dict[tuple[str, int], int]) -> None:
-        self.stored.append(dict(offsets))
-
-    def release(self, count: int) -> None:
-        self.released += count
-
-
 def message(offset: int, url: str = "http://origin/a.jpg", partition: int = 0) -> Message:
-    event = make_event(url, uploaded_at=datetime.now(UTC))
-    return Message(
-        topic=TOPIC, partition=partition, offset=offset, key=event.listing_id.encode(),
-        value=CODEC.encode_uploaded(event), headers=[("trace", b"abc")],
-    )  # fmt: skip
+    return support.message(offset, url, partition, headers=[("trace", b"abc")])
 
 
 def make_pipeline(
@@ -71,25 +59,13 @@ def make_pipeline(
     publisher: FakePublisher | None = None,
     consumer: ConsumerSettings | None = None,
 ) -> tuple[Pipeline, FakePublisher, FakeSource, Metrics]:
-    settings = Settings(
-        kafka={"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"},
-        triton={"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
-        consumer=consumer or ConsumerSettings(),
-    )
-    metrics = Metrics(CollectorRegistry())
+    settings = pipeline_settings(consumer=consumer or ConsumerSettings())
     publisher = publisher or FakePublisher()
-    stop = asyncio.Event()
-    pipeline = Pipeline(
+    pipeline, _delivery, metrics = support.make_pipeline(
         settings,
-        metrics,
-        codec=CODEC,
-        fetcher=fetcher or GatedFetcher(),  # type: ignore[arg-type]
-        decoder=FakeDecoder(),  # type: ignore[arg-type]
-        batcher=batcher or FakeBatcher(),  # type: ignore[arg-type]
-        delivery=AtLeastOnce(settings, metrics, publisher, stop=stop),  # type: ignore[arg-type]
-        model=MODEL,
-        stop=stop,
-        on_fatal=lambda exc: None,
+        lambda metrics, stop: AtLeastOnce(settings, metrics, publisher, stop=stop),  # type: ignore[arg-type]
+        fetcher=fetcher,
+        batcher=batcher,
     )
     source = FakeSource()
     pipeline.source = source  # type: ignore[assignment]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import pytest
 from confluent_kafka import Message
-from prometheus_client import CollectorRegistry
 
 from consumer.app import Pipeline
 from consumer.delivery.exactly_once import ExactlyOnce
@@ -19,13 +17,10 @@ from consumer.errors import (
     PublishFatalError,
     SuggesterError,
 )
-from consumer.metrics import Metrics
 from consumer.publish import OutputRecord
-from consumer.settings import ConsumerSettings, Settings
-from tests.support.kafka import make_event
-from tests.support.pipeline import CODEC, MODEL, FakeBatcher, FakeDecoder, GatedFetcher
-
-TOPIC = "in"
+from consumer.settings import ConsumerSettings
+from tests.support import pipeline as support
+from tests.support.pipeline import CODEC, TOPIC, FakeSource, GatedFetcher, pipeline_settings
 
 
 @dataclass
@@ -81,8 +76,7 @@ def _sources(records: Sequence[OutputRecord]) -> list[int]:
 
 
 @dataclass
-class FakeSource:
-    released: int = 0
+class RewindingSource(FakeSource):
     rewinds: int = 0
     rewound: asyncio.Event = field(default_factory=asyncio.Event)
     # Set by a test: handed over while the rewind is under way (read before the seek), and
@@ -102,54 +96,37 @@ class FakeSource:
     def store(self, offsets: dict[tuple[str, int], int]) -> None:
         raise AssertionError("exactly-once never stores offsets in the consumer")
 
-    def release(self, count: int) -> None:
-        self.released += count
-
     def group_metadata(self) -> object:
         return "generation-1"
 
 
 def message(offset: int, url: str, partition: int = 0) -> Message:
-    event = make_event(url, uploaded_at=datetime.now(UTC))
-    SOURCES[str(event.event_id)] = offset
-    return Message(
-        topic=TOPIC, partition=partition, offset=offset, key=event.listing_id.encode(),
-        value=CODEC.encode_uploaded(event),
-    )  # fmt: skip
+    record = support.message(offset, url, partition)
+    SOURCES[str(CODEC.decode_uploaded(record.value()).event_id)] = offset
+    return record
 
 
 def make_pipeline(
     transactions: FakeTransactions, fetcher: GatedFetcher, consumer: ConsumerSettings | None = None
-) -> tuple[Pipeline, ExactlyOnce, FakeSource, list[SuggesterError]]:
-    settings = Settings(
+) -> tuple[Pipeline, ExactlyOnce, RewindingSource, list[SuggesterError]]:
+    settings = pipeline_settings(
         delivery="exactly_once",
-        kafka={"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"},
-        triton={"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
         consumer=consumer or ConsumerSettings(transaction_interval_s=0.001),
     )
     fatal: list[SuggesterError] = []
-    metrics = Metrics(CollectorRegistry())
-    stop = asyncio.Event()
-    delivery = ExactlyOnce(
+    pipeline, delivery, _metrics = support.make_pipeline(
         settings,
-        metrics,
-        transactions,  # type: ignore[arg-type]
-        stop=stop,
+        lambda metrics, stop: ExactlyOnce(
+            settings,
+            metrics,
+            transactions,  # type: ignore[arg-type]
+            stop=stop,
+            on_fatal=fatal.append,
+        ),
+        fetcher=fetcher,
         on_fatal=fatal.append,
     )
-    pipeline = Pipeline(
-        settings,
-        metrics,
-        codec=CODEC,
-        fetcher=fetcher,  # type: ignore[arg-type]
-        decoder=FakeDecoder(),  # type: ignore[arg-type]
-        batcher=FakeBatcher(),  # type: ignore[arg-type]
-        delivery=delivery,
-        model=MODEL,
-        stop=stop,
-        on_fatal=fatal.append,
-    )
-    source = FakeSource(pipeline=pipeline)
+    source = RewindingSource(pipeline=pipeline)
     pipeline.source = source  # type: ignore[assignment]
     return pipeline, delivery, source, fatal
 

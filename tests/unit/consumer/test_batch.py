@@ -69,16 +69,6 @@ def model(max_batch_size: int) -> ModelInfo:
     )
 
 
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@pytest.fixture
-def metrics(registry: CollectorRegistry) -> Metrics:
-    return Metrics(registry)
-
-
 def make_batcher(
     inferer: FakeInferer,
     metrics: Metrics,

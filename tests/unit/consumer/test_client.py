@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 from confluent_kafka import Message
 
 from consumer.client import read_answer, sample_event
 from consumer.errors import EventDecodeError
-from consumer.events import DlqInfo, EventCodec, dlq_headers
-from tests.support.kafka import make_suggestion
+from consumer.events import EventCodec, dlq_headers
+from tests.support.kafka import make_dlq_info, make_suggestion
 
 CODEC = EventCodec()
 
 
 def dead_letter(value: bytes, reason: str = "not_an_image") -> Message:
-    info = DlqInfo(
-        error_class="FetchRefusedError",
-        stage="fetch",
-        reason=reason,
-        message="body is not an image",
-        original_topic="in",
-        original_partition=0,
-        original_offset=3,
-        attempts=1,
-        failed_at=datetime.now(UTC),
-        service_version="0.1.0",
-    )
+    info = make_dlq_info(reason=reason, original_offset=3)
     return Message(topic="in.dlq", key=b"listing-1", value=value, headers=dlq_headers(info))
 
 

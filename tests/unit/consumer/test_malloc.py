@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from consumer.malloc import limit_arenas
+from tests.support.python import run_python
 
 # Starts 6 threads that each malloc (a 1000-byte bytearray is above pymalloc's 512-byte
 # limit) and stay alive, then counts the arenas in glibc's malloc_info report.
@@ -43,13 +42,7 @@ for t in threads:
 def arenas(mode: str, tmp_path: Path) -> int:
     report = tmp_path / f"{mode}.xml"
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    subprocess.run(
-        [sys.executable, "-c", _PROBE, mode, str(report)],
-        check=True,
-        env=env,
-        cwd=Path(__file__).resolve().parents[3],
-        timeout=60,
-    )
+    run_python("-c", _PROBE, mode, str(report), env=env, timeout_s=60)
     return report.read_text().count("<heap nr=")
 
 

@@ -9,7 +9,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from consumer.client import Answer
 from consumer.errors import PublishError
-from consumer.events import DlqInfo, ListingImageUploaded
+from consumer.events import ListingImageUploaded
 from consumer.fetch import ImageFetcher
 from consumer.settings import FetchSettings, Settings, WebSettings
 from consumer.web import PHOTOS, Readiness, create_app, origin_allowed
 from tests.support.images import photo
-from tests.support.kafka import make_suggestion
+from tests.support.kafka import make_dlq_info, make_suggestion
 
 LIMIT = 64 * 1024
 ORIGIN = "127.0.0.1:8080"
@@ -233,18 +232,7 @@ async def test_the_answer_is_the_suggestion_for_the_event_and_the_upload_goes(
 async def test_a_dead_letter_answers_with_its_reason(make_page: MakePage) -> None:
     page = await make_page()
     event_id = (await (await page.upload(b"hello, not a photo")).json())["event_id"]
-    info = DlqInfo(
-        error_class="FetchRefusedError",
-        stage="fetch",
-        reason="not_an_image",
-        message="body is not an image",
-        original_topic="in",
-        original_partition=0,
-        original_offset=7,
-        attempts=1,
-        failed_at=datetime.now(UTC),
-        service_version="0.1.0",
-    )
+    info = make_dlq_info(original_offset=7)
     page.photos.deliver(Answer(event_id, "k", dead_letter=info))
     body = await (await page.client.get(f"/api/answers/{event_id}")).json()
     assert body["state"] == "dead_lettered"

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.python import run_python
 from training.__main__ import build_parser, main
 from training.zero_shot import PHOTOS
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def run_training(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`python -m training ARGV`; asserts that it succeeded."""
+    return run_python("-m", "training", *argv, timeout_s=280)
 
 
 def test_every_step_is_a_command() -> None:
@@ -54,17 +59,11 @@ def test_a_step_error_is_one_line_and_status_2(
 def test_demo_runs_the_whole_workflow(tmp_path: Path) -> None:
     """The demo command end to end on synthetic photos, shrunk: 6 per class, 32 px, one epoch."""
     out, repo = tmp_path / "demo", tmp_path / "repo"
-    done = subprocess.run(
-        [sys.executable, "-m", "training", "demo", "--synthetic", "--out", str(out),
-         "--repository", str(repo), "--per-class", "6", "--epochs", "1", "--image-size", "32",
-         "--weights", "none", "--workers", "0", "--threads", "2", "--no-progress"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
+    done = run_training(
+        "demo", "--synthetic", "--out", str(out), "--repository", str(repo), "--per-class", "6",
+        "--epochs", "1", "--image-size", "32", "--weights", "none", "--workers", "0",
+        "--threads", "2", "--no-progress",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
     assert "exported version 1" in done.stdout
     assert "FROM SCRATCH" in done.stderr
     assert (out / "data" / "manifest.csv").is_file()
@@ -86,17 +85,10 @@ def test_evaluate_the_zero_shot_model_with_out_of_category_photos(tmp_path: Path
         (ood / path.name).symlink_to(path)
     assert main(["prepare", str(raw), "--out", str(tmp_path / "data"), "--no-progress"]) == 0
     out = tmp_path / "eval"
-    done = subprocess.run(
-        [sys.executable, "-m", "training", "evaluate", "--model", "zero-shot", "--data",
-         str(tmp_path / "data"), "--split", "all", "--ood", str(ood), "--out", str(out),
-         "--threads", "2", "--no-progress"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
+    done = run_training(
+        "evaluate", "--model", "zero-shot", "--data", str(tmp_path / "data"), "--split", "all",
+        "--ood", str(ood), "--out", str(out), "--threads", "2", "--no-progress",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
     assert "| threshold | coverage | confident precision | OOD confident |" in done.stdout
     assert "target cold-start" in done.stdout
     report = json.loads((out / "report.json").read_text())

@@ -3,30 +3,26 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 
 import pytest
 from confluent_kafka import Consumer, Producer
 
 from consumer.app import DLQ_VALUE_OMITTED_HEADER
-from consumer.events import DlqInfo, dlq_headers
+from consumer.events import dlq_headers
 from consumer.ops.replay_dlq import replay_dlq
 from consumer.settings import KafkaSettings, Settings
 from devstack.kafka import KafkaBroker
 from tests.conftest import Topics
+from tests.support.kafka import make_dlq_info
 
 
 def dlq_record(reason: str, offset: int) -> list[tuple[str, bytes]]:
-    info = DlqInfo(
+    info = make_dlq_info(
         error_class="FetchFailedError",
-        stage="fetch",
         reason=reason,
         message="origin said 503",
-        original_topic="in",
-        original_partition=0,
         original_offset=offset,
         attempts=3,
-        failed_at=datetime.now(UTC),
         service_version="test",
     )
     return [("trace-id", b"t-%d" % offset), *dlq_headers(info)]

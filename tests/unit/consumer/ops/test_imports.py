@@ -7,12 +7,10 @@ own runtime it loaded.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.support.python import run_python
 
 # The service's wiring, its inference client and its HTTP client (fetch, health, the page).
 SERVICE_ONLY = ("consumer.app", "tritonclient", "aiohttp")
@@ -47,15 +45,7 @@ COMMAND_MODULES = [
 
 
 def loaded_service_modules(module: str) -> list[str]:
-    done = subprocess.run(
-        [sys.executable, "-c", _LIST_LOADED, module, ",".join(SERVICE_ONLY)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python("-c", _LIST_LOADED, module, ",".join(SERVICE_ONLY), timeout_s=60)
     loaded: list[str] = json.loads(done.stdout)
     return loaded
 
