@@ -34,7 +34,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any, Final
@@ -368,7 +368,7 @@ class Ledger:
         original: Position | None = None
         reason = "dlq_headers_invalid"
         try:
-            info = parse_dlq_headers(_header_pairs(message.headers()))
+            info = parse_dlq_headers(message.headers())
         except EventDecodeError:
             pass
         else:
@@ -382,13 +382,6 @@ class Ledger:
             return str(self._codec.decode_uploaded(value).event_id)
         except (EventDecodeError, RegistryError):
             return None
-
-
-def _header_pairs(raw: Any) -> list[tuple[str, bytes | str | None]]:
-    if raw is None:
-        return []
-    pairs: Iterable[tuple[str, bytes | str | None]] = raw.items() if isinstance(raw, dict) else raw
-    return list(pairs)
 
 
 def read_ledger(
