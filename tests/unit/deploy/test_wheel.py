@@ -10,8 +10,10 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import consumer
 from tests.support.python import REPO_ROOT, run_python
 
+SERVICE = consumer.__name__
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "photos")
 
 
@@ -20,7 +22,7 @@ def test_the_wheel_installs_only_the_service_package(tmp_path: Path) -> None:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
-    for package in ("consumer", "training", "devstack"):
+    for package in (SERVICE, "training", "devstack"):
         shutil.copytree(REPO_ROOT / package, source / package, ignore=_SKIP)
     out = tmp_path / "wheel"
     run_python(
@@ -32,12 +34,12 @@ def test_the_wheel_installs_only_the_service_package(tmp_path: Path) -> None:
     top_level = {
         name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")
     }
-    assert top_level == {"consumer"}
+    assert top_level == {SERVICE}
     for needed in (
-        "consumer/__main__.py",
-        "consumer/ops/ledger.py",
-        "consumer/schemas/listing_image_uploaded.avsc",
-        "consumer/schemas/history/category_suggestion/v1.avsc",
-        "consumer/static/index.html",
+        "__main__.py",
+        "ops/ledger.py",
+        "schemas/listing_image_uploaded.avsc",
+        "schemas/history/category_suggestion/v1.avsc",
+        "static/index.html",
     ):
-        assert needed in names
+        assert f"{SERVICE}/{needed}" in names
