@@ -11,10 +11,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_python(
-    *argv: str, timeout_s: float = 120, env: Mapping[str, str] | None = None
+    *argv: str, timeout_s: float = 120, env: Mapping[str, str] | None = None, status: int = 0
 ) -> subprocess.CompletedProcess[str]:
-    """`python ARGV` (e.g. `-m training demo`, `-c CODE`); asserts that it exits 0, with the
-    tail of its stderr in the failure message. Returns its captured output."""
+    """`python ARGV` (e.g. `-m training demo`, `-c CODE`); asserts that it exits with
+    `status`, with the tail of its stderr in the failure message. Returns its output."""
     done = subprocess.run(
         [sys.executable, *argv],
         cwd=REPO_ROOT,
@@ -24,5 +24,5 @@ def run_python(
         timeout=timeout_s,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == status, done.stderr[-4000:]
     return done
