@@ -195,16 +195,6 @@ def fast_settings(**overrides: Any) -> TritonSettings:
     return TritonSettings(**(values | overrides))
 
 
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@pytest.fixture
-def metrics(registry: CollectorRegistry) -> Metrics:
-    return Metrics(registry)
-
-
 def model_ready(registry: CollectorRegistry) -> float | None:
     return registry.get_sample_value("suggester_model_ready")
 

@@ -15,6 +15,18 @@ from training.zero_shot import PHOTOS
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
+def run_training(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m training ARGS` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+
+
 def test_every_step_is_a_command() -> None:
     parser = build_parser()
     for argv in (
@@ -54,15 +66,10 @@ def test_a_step_error_is_one_line_and_status_2(
 def test_demo_runs_the_whole_workflow(tmp_path: Path) -> None:
     """The demo command end to end on synthetic photos, shrunk: 6 per class, 32 px, one epoch."""
     out, repo = tmp_path / "demo", tmp_path / "repo"
-    done = subprocess.run(
-        [sys.executable, "-m", "training", "demo", "--synthetic", "--out", str(out),
-         "--repository", str(repo), "--per-class", "6", "--epochs", "1", "--image-size", "32",
-         "--weights", "none", "--workers", "0", "--threads", "2", "--no-progress"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
+    done = run_training(
+        "demo", "--synthetic", "--out", str(out), "--repository", str(repo), "--per-class", "6",
+        "--epochs", "1", "--image-size", "32", "--weights", "none", "--workers", "0",
+        "--threads", "2", "--no-progress",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "exported version 1" in done.stdout
@@ -86,15 +93,9 @@ def test_evaluate_the_zero_shot_model_with_out_of_category_photos(tmp_path: Path
         (ood / path.name).symlink_to(path)
     assert main(["prepare", str(raw), "--out", str(tmp_path / "data"), "--no-progress"]) == 0
     out = tmp_path / "eval"
-    done = subprocess.run(
-        [sys.executable, "-m", "training", "evaluate", "--model", "zero-shot", "--data",
-         str(tmp_path / "data"), "--split", "all", "--ood", str(ood), "--out", str(out),
-         "--threads", "2", "--no-progress"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
+    done = run_training(
+        "evaluate", "--model", "zero-shot", "--data", str(tmp_path / "data"), "--split", "all",
+        "--ood", str(ood), "--out", str(out), "--threads", "2", "--no-progress",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| threshold | coverage | confident precision | OOD confident |" in done.stdout
