@@ -431,7 +431,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ledger for parsed `add_arguments` options; returns the exit status."""
-    from consumer.app import make_codec
+    from consumer.events.codec import codec_from_settings as make_codec
     from consumer.settings import Settings
 
     settings = Settings()

@@ -25,7 +25,6 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from consumer.app import DLQ_VALUE_OMITTED_HEADER, make_codec, original_headers
 from consumer.errors import EventDecodeError
 from consumer.events import (
     CategorySuggestion,
@@ -34,6 +33,8 @@ from consumer.events import (
     ListingImageUploaded,
     parse_dlq_headers,
 )
+from consumer.events.codec import codec_from_settings as make_codec
+from consumer.events.dlq import DLQ_VALUE_OMITTED_HEADER, original_headers
 from consumer.publish import producer_config
 from consumer.settings import Settings
 

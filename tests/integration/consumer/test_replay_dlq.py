@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from consumer.app import DLQ_VALUE_OMITTED_HEADER
-from consumer.events import DlqInfo, dlq_headers
+from consumer.events import DLQ_VALUE_OMITTED_HEADER, DlqInfo, dlq_headers
 from consumer.settings import KafkaSettings, Settings
 from consumer.tools import replay_dlq
 from devstack.kafka import KafkaBroker
