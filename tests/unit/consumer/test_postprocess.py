@@ -70,30 +70,29 @@ def test_a_batch_instead_of_one_row_is_refused() -> None:
         postprocess(np.full((1, 5), 0.2, dtype=np.float32), LABELS, threshold=0.5)
 
 
-def test_suggestion_record_is_a_valid_suggestion_of_the_event() -> None:
-    event = uploaded()
-    prediction = postprocess(np.array([0.1, 0.6, 0.05, 0.2, 0.05]), LABELS, threshold=0.5)
-    now = event.uploaded_at + timedelta(seconds=2, microseconds=345678)
+EVENT = uploaded()
+SECONDS = {"fetch_s": 0.012, "preprocess_s": 0.003, "inference_s": 0.02}
 
-    record = suggestion_record(
-        event,
-        prediction,
-        threshold=0.5,
-        model_name="category_classifier",
-        model_version="3",
-        fetch_s=0.012,
-        preprocess_s=0.003,
-        inference_s=0.02,
-        now=now,
+
+def record_after(row: list[float], delay: timedelta) -> SuggestionRecord:
+    """The suggestion record of EVENT for probabilities `row`, made `delay` after its upload."""
+    prediction = postprocess(np.array(row), LABELS, threshold=0.5)
+    model = {"model_name": "category_classifier", "model_version": "3"}
+    return suggestion_record(
+        EVENT, prediction, threshold=0.5, now=EVENT.uploaded_at + delay, **model, **SECONDS
     )
+
+
+def test_suggestion_record_is_a_valid_suggestion_of_the_event() -> None:
+    record = record_after([0.1, 0.6, 0.05, 0.2, 0.05], timedelta(seconds=2, microseconds=345678))
 
     model = CategorySuggestion.model_validate(record)  # keeps the contract
     assert (model.source_event_id, model.listing_id, model.image_id) == (
-        event.event_id,
-        event.listing_id,
-        event.image_id,
+        EVENT.event_id,
+        EVENT.listing_id,
+        EVENT.image_id,
     )
-    assert model.event_id != event.event_id
+    assert model.event_id != EVENT.event_id
     assert (model.category, model.confident, model.confidence_threshold) == ("car", True, 0.5)
     assert [s.category for s in model.scores] == [
         "car",
@@ -112,23 +111,8 @@ def test_suggestion_record_is_a_valid_suggestion_of_the_event() -> None:
 
 
 def test_suggestion_record_ids_are_fresh_and_skewed_clocks_give_zero_total() -> None:
-    event = uploaded()
-    prediction = postprocess(np.array([0.3, 0.25, 0.2, 0.15, 0.1]), LABELS, threshold=0.5)
-
-    def make() -> SuggestionRecord:
-        return suggestion_record(
-            event,
-            prediction,
-            threshold=0.5,
-            model_name="m",
-            model_version="1",
-            fetch_s=0.0,
-            preprocess_s=0.0,
-            inference_s=0.0,
-            now=event.uploaded_at - timedelta(seconds=5),  # this clock is behind the uploader's
-        )
-
-    first, second = make(), make()
+    # This clock is behind the uploader's.
+    first, second = (record_after([0.3, 0.25, 0.2, 0.15, 0.1], timedelta(seconds=-5)) for _ in "ab")
     assert first["event_id"] != second["event_id"]
     assert first["timings"]["total_ms"] == 0.0
     assert not first["confident"]
