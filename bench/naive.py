@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import uuid
-from datetime import UTC, datetime
 from types import FrameType
 
 import httpx
@@ -26,8 +24,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from confluent_kafka import Consumer, Producer
 
-from consumer.events import CategoryScore, CategorySuggestion, EventCodec, StageTimings
-from consumer.postprocess import postprocess
+from consumer.events import EventCodec
+from consumer.postprocess import postprocess, suggestion_record
 from consumer.preprocess import decode_image
 
 MODEL = "category_classifier"
@@ -103,33 +101,20 @@ def main(argv: list[str] | None = None) -> int:
                 MODEL, [request], outputs=[grpcclient.InferRequestedOutput("probabilities")]
             )
             prediction = postprocess(result.as_numpy("probabilities")[0], labels, THRESHOLD)
-            now = datetime.now(UTC)
-            suggestion = CategorySuggestion(
-                event_id=uuid.uuid4(),
-                source_event_id=event.event_id,
-                listing_id=event.listing_id,
-                image_id=event.image_id,
-                category=prediction.category,
-                score=prediction.score,
-                scores=tuple(
-                    CategoryScore(category=s.category, score=s.score) for s in prediction.scores
-                ),
-                confident=prediction.confident,
-                confidence_threshold=THRESHOLD,
+            suggestion = suggestion_record(
+                event,
+                prediction,
+                threshold=THRESHOLD,
                 model_name=MODEL,
                 model_version=version,
-                timings=StageTimings(
-                    fetch_ms=0.0,
-                    preprocess_ms=0.0,
-                    inference_ms=0.0,
-                    total_ms=max(0.0, (now - event.uploaded_at).total_seconds() * 1000),
-                ),
-                produced_at=now,
+                fetch_s=0.0,
+                preprocess_s=0.0,
+                inference_s=0.0,
             )
             producer.produce(
                 args.output,
                 key=event.listing_id.encode(),
-                value=codec.encode_suggestion(suggestion),
+                value=codec.encode_suggestion_record(suggestion),
             )
             producer.flush()
             consumer.commit(message=message, asynchronous=False)

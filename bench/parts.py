@@ -8,8 +8,8 @@ it down by running the service's own components here, on one thread, and timing 
   with `concurrency` requests in flight and as many pooled connections, for each
   concurrency of a small sweep (the service's default is 64 of each);
 - `event_decode`: `EventCodec.decode_uploaded` of one event;
-- `suggestion_encode`: postprocess one probability row, build the `CategorySuggestion`
-  and encode it;
+- `suggestion_encode`: postprocess one probability row, build the suggestion record and
+  encode it, as the service does (`consumer.postprocess.suggestion_record`);
 - `decode_tiny`: `decode_image` of a tiny image.
 
 These are lower bounds of the service's costs (no contention, warm caches); their sum
@@ -26,15 +26,9 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from consumer.events import (
-    CategoryScore,
-    CategorySuggestion,
-    EventCodec,
-    ListingImageUploaded,
-    StageTimings,
-)
+from consumer.events import EventCodec, ListingImageUploaded
 from consumer.fetch import ImageFetcher
-from consumer.postprocess import postprocess
+from consumer.postprocess import postprocess, suggestion_record
 from consumer.settings import FetchSettings
 
 _LABELS = ("books", "car", "furniture", "mobile", "motorcycle")
@@ -91,26 +85,16 @@ def codec_cpu_us(repeat: int = 3000) -> dict[str, float]:
 
     def suggestion() -> bytes:
         prediction = postprocess(row, _LABELS, 0.5)
-        now = datetime.now(UTC)
-        return codec.encode_suggestion(
-            CategorySuggestion(
-                event_id=uuid.uuid4(),
-                source_event_id=event.event_id,
-                listing_id=event.listing_id,
-                image_id=event.image_id,
-                category=prediction.category,
-                score=prediction.score,
-                scores=tuple(
-                    CategoryScore(category=s.category, score=s.score) for s in prediction.scores
-                ),
-                confident=prediction.confident,
-                confidence_threshold=0.5,
+        return codec.encode_suggestion_record(
+            suggestion_record(
+                event,
+                prediction,
+                threshold=0.5,
                 model_name="category_classifier",
                 model_version="1",
-                timings=StageTimings(
-                    fetch_ms=1.0, preprocess_ms=1.0, inference_ms=1.0, total_ms=3.0
-                ),
-                produced_at=now,
+                fetch_s=0.001,
+                preprocess_s=0.001,
+                inference_s=0.001,
             )
         )
 

@@ -31,14 +31,12 @@ import functools
 import logging
 import random
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from confluent_kafka import Message
-from confluent_kafka.schema_registry import SchemaRegistryClient
 from prometheus_client import CollectorRegistry
 
 from consumer import __version__
@@ -54,20 +52,14 @@ from consumer.errors import (
     RecordTooLargeError,
     SuggesterError,
 )
-from consumer.events import (
-    DlqInfo,
-    EventCodec,
-    SuggestionRecord,
-    dlq_headers,
-    utc_millis,
-    without_dlq_headers,
-)
+from consumer.events.codec import EventCodec, codec_from_settings
+from consumer.events.dlq import DlqInfo, dead_letter_record, without_value
 from consumer.fetch import ImageFetcher
 from consumer.health import HealthServer
 from consumer.infer import ModelInfo, TritonClassifier
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
-from consumer.postprocess import postprocess
+from consumer.postprocess import postprocess, suggestion_record
 from consumer.preprocess import Decoder
 from consumer.publish import OutputRecord, Publisher, TransactionalPublisher
 from consumer.settings import DeliveryMode, Settings
@@ -327,36 +319,23 @@ class Pipeline:
             watch.queue_s, watch.infer_s = result.queue_s, result.infer_s
             prediction = postprocess(result.probabilities, self._model.labels, self._threshold)
         except BadInputError as exc:
-            attempts = getattr(exc, "attempts", watch.attempts)
-            await self._dead_letter(message, exc, attempts, epoch)
+            # A fetch error carries the attempts its fetch made; an error after a fetch,
+            # the attempts of that fetch (the stopwatch's).
+            await self._dead_letter(message, exc, max(exc.attempts, watch.attempts), epoch)
             return
 
-        now = utc_millis(datetime.now(UTC))
-        total_s = max(0.0, (now - event.uploaded_at).total_seconds())
-        # Written without validation: on the hot path pydantic's checks cost more than
-        # the rest of the step, and every field here keeps the contract by construction
-        # (postprocess bounds and sorts the scores, the ids come from a validated event).
-        # The tests decode what the service publishes with validation.
-        suggestion: SuggestionRecord = {
-            "event_id": uuid.uuid4(),
-            "source_event_id": event.event_id,
-            "listing_id": event.listing_id,
-            "image_id": event.image_id,
-            "category": prediction.category,
-            "score": prediction.score,
-            "scores": [{"category": s.category, "score": s.score} for s in prediction.scores],
-            "confident": prediction.confident,
-            "confidence_threshold": self._threshold,
-            "model_name": self._model.name,
-            "model_version": self._model.version,
-            "timings": {
-                "fetch_ms": watch.fetch_s * 1000,
-                "preprocess_ms": watch.decode_s * 1000,
-                "inference_ms": (watch.queue_s + watch.infer_s) * 1000,
-                "total_ms": total_s * 1000,
-            },
-            "produced_at": now,
-        }
+        # Written without validation (see suggestion_record); the tests decode what the
+        # service publishes with validation.
+        suggestion = suggestion_record(
+            event,
+            prediction,
+            threshold=self._threshold,
+            model_name=self._model.name,
+            model_version=self._model.version,
+            fetch_s=watch.fetch_s,
+            preprocess_s=watch.decode_s,
+            inference_s=watch.queue_s + watch.infer_s,
+        )
         record = OutputRecord(
             self._settings.kafka.output_topic,
             event.listing_id.encode(),
@@ -379,25 +358,18 @@ class Pipeline:
             attempts=attempts,
             service_version=__version__,
         )
-        headers = original_headers(message) + dlq_headers(info)
-        value = message.value() or b""
-        size = len(value) + len(message.key() or b"") + sum(len(k) + len(v) for k, v in headers)
-        topic = self._settings.kafka.dlq_topic
-        if size + _RECORD_OVERHEAD_BYTES > self._settings.kafka.max_record_bytes:
-            record = _without_value(topic, message.key(), value, headers)
-        else:
-            record = OutputRecord(topic, message.key(), value, headers)
+        record = dead_letter_record(
+            message,
+            info,
+            topic=self._settings.kafka.dlq_topic,
+            max_record_bytes=self._settings.kafka.max_record_bytes,
+        )
         try:
             await self._emit(message, record, epoch, uploaded_at=None)
         except RecordTooLargeError:
             # The original cannot travel: dead-letter the reason without the value, rather
             # than retry a record no broker will take (the partition would stall).
-            await self._emit(
-                message,
-                _without_value(topic, message.key(), value, headers),
-                epoch,
-                uploaded_at=None,
-            )
+            await self._emit(message, without_value(record), epoch, uploaded_at=None)
         log.info(
             "event dead-lettered",
             extra={
@@ -419,19 +391,6 @@ class Pipeline:
         )
 
 
-# Room left for a record's framing when checking its size against max_record_bytes.
-_RECORD_OVERHEAD_BYTES = 1024
-# On a DLQ record sent without its (too large) original value: the value's size in bytes.
-DLQ_VALUE_OMITTED_HEADER = "dlq.value.omitted"
-
-
-def _without_value(
-    topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
-) -> OutputRecord:
-    omitted = (DLQ_VALUE_OMITTED_HEADER, str(len(value)).encode())
-    return OutputRecord(topic, key, b"", [*headers, omitted])
-
-
 def confidence_threshold(settings: Settings, model: ModelInfo) -> float:
     """The threshold for `confident`: set explicitly, else the model's, else the default."""
     postprocess_settings = settings.postprocess
@@ -440,14 +399,6 @@ def confidence_threshold(settings: Settings, model: ModelInfo) -> float:
     if model.confidence_threshold is not None:
         return model.confidence_threshold
     return postprocess_settings.confidence_threshold
-
-
-def original_headers(message: Message) -> list[tuple[str, bytes]]:
-    """The message's headers as a list, less any `dlq.*` ones from an earlier trip."""
-    raw = message.headers() or []
-    pairs = raw.items() if isinstance(raw, dict) else raw
-    as_bytes = [(k, v.encode() if isinstance(v, str) else v) for k, v in pairs]
-    return [(k, v) for k, v in without_dlq_headers(as_bytes) if v is not None]
 
 
 async def start_delivery(
@@ -468,21 +419,6 @@ async def start_delivery(
     publisher = Publisher(settings)
     publisher.start()
     return AtLeastOnce(settings, metrics, publisher, stop=stop)
-
-
-def make_codec(settings: Settings) -> EventCodec:
-    """The event codec: Confluent framing with a registry, single-object encoding without."""
-    registry = None
-    if settings.registry.url:
-        conf = {"url": settings.registry.url}
-        if settings.registry.basic_auth_user_info is not None:
-            conf["basic.auth.user.info"] = settings.registry.basic_auth_user_info.get_secret_value()
-        registry = SchemaRegistryClient.new_client(conf)
-    return EventCodec(
-        registry,
-        input_topic=settings.kafka.input_topic,
-        output_topic=settings.kafka.output_topic,
-    )
 
 
 class Service:
@@ -528,7 +464,7 @@ class Service:
             "model ready",
             extra={"model": model.name, "version": model.version, "size": model.image_size},
         )
-        codec = make_codec(settings)
+        codec = codec_from_settings(settings)
         await asyncio.to_thread(codec.prepare)
         delivery = await start_delivery(settings, metrics, stop=self._give_up, on_fatal=self._fatal)
         async with contextlib.AsyncExitStack() as resources:

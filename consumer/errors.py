@@ -8,7 +8,9 @@ Every failure of a step is one of these. Two kinds matter to the pipeline:
 - `InfrastructureError`: something we depend on is unwell (Triton, the broker). The event
   is not at fault; the pipeline pauses, retries with backoff and never dead-letters it.
 
-`retryable` says whether the same call may succeed if tried again (a timeout, a 503).
+`retryable` says whether the same call may succeed if tried again (a timeout, a 503). Only
+an `InfrastructureError` can be: a step that raises `BadInputError` has spent its own
+retries first (the fetch step's; `attempts` says how many it made).
 
     SuggesterError
     ├── BadInputError
@@ -45,7 +47,16 @@ class SuggesterError(Exception):
 
 
 class BadInputError(SuggesterError):
-    """The event is at fault; it goes to the dead-letter topic."""
+    """The event is at fault; it goes to the dead-letter topic.
+
+    `attempts`: how many times the step that raised it tried (its `dlq.attempts`): the
+    fetch step retries an origin's transient failures; a step that does not retry tries
+    once.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None, attempts: int = 1) -> None:
+        super().__init__(message, reason=reason)
+        self.attempts = attempts
 
 
 class EventDecodeError(BadInputError):
@@ -61,14 +72,10 @@ class FetchRefusedError(BadInputError):
 
 
 class FetchFailedError(BadInputError):
-    """The origin did not deliver the image (after retries where they help)."""
+    """The origin did not deliver the image (after retries where they help; `attempts`)."""
 
     stage = "fetch"
     default_reason = "fetch_failed"
-
-    def __init__(self, message: str, *, reason: str | None = None, retryable: bool = False):
-        super().__init__(message, reason=reason)
-        self.retryable = retryable
 
 
 class ImageDecodeError(BadInputError):

@@ -25,7 +25,8 @@ Raises `FetchRefusedError` (nothing more is read) with `reason` `url_invalid`,
 `scheme_refused`, `host_refused`, `address_refused`, `too_many_redirects`, `too_large`,
 `not_an_image` or `format_refused`; or `FetchFailedError` with `reason` `http_status`,
 `fetch_timeout` or `fetch_failed` once retries (timeouts, connection errors, 429, 5xx; with
-full-jitter exponential backoff) are spent or cannot help (other 4xx, unknown host).
+full-jitter exponential backoff) are spent or cannot help (other 4xx, unknown host). Either
+error's `attempts` says how many attempts the fetch made.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
-from consumer.errors import FetchFailedError, FetchRefusedError
+from consumer.errors import BadInputError, FetchFailedError, FetchRefusedError
 from consumer.preprocess import ACCEPTED_FORMATS, sniff_format
 from consumer.settings import FetchSettings
 
@@ -221,6 +222,13 @@ class _Target:
     host: str  # lower case, no trailing dot, canonical text for IP literals
     port: int | None  # effective port (None for s3)
     address: IPAddress | None  # set when the host is an IP literal
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """How many attempts one fetch has started; read when its deadline stops it."""
+
+    made: int = 0
 
 
 class _RetryableError(Exception):
@@ -532,23 +540,28 @@ class ImageFetcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.total_timeout_s
         budget = asyncio.timeout_at(deadline)
+        attempts = _Attempts()
         try:
             async with budget:
-                body, attempts = await self._fetch_with_retries(target, deadline)
+                body = await self._fetch_with_retries(target, deadline, attempts)
         except TimeoutError as exc:
             if not budget.expired():
                 raise
             raise FetchFailedError(
                 f"no image within {self._settings.total_timeout_s} s",
                 reason="fetch_timeout",
-                retryable=True,
+                attempts=attempts.made,
             ) from exc
+        except BadInputError as exc:
+            # Failed or refused on whichever attempt: say how many were made.
+            exc.attempts = attempts.made
+            raise
         return FetchedImage(
             data=body.data,
             format=body.format,
             final_url=body.final_url,
             status=body.status,
-            attempts=attempts,
+            attempts=attempts.made,
             redirects=body.redirects,
             elapsed_s=time.perf_counter() - started,
         )
@@ -570,7 +583,7 @@ class ImageFetcher:
         try:
             await self._resolver.addresses(target.host, target.port)
         except _RetryableError as exc:
-            raise FetchFailedError(exc.message, reason=exc.reason, retryable=True) from exc
+            raise FetchFailedError(exc.message, reason=exc.reason) from exc
 
     def _parse(self, url: str, *, hop: bool) -> _Target:
         """Apply the URL policy; `hop` marks a redirect target (http and https only)."""
@@ -621,13 +634,15 @@ class ImageFetcher:
 
     # -- attempts -----------------------------------------------------------------------
 
-    async def _fetch_with_retries(self, target: _Target, deadline: float) -> tuple[_Body, int]:
+    async def _fetch_with_retries(
+        self, target: _Target, deadline: float, attempts: _Attempts
+    ) -> _Body:
         loop = asyncio.get_running_loop()
-        attempt = 0
         while True:
-            attempt += 1
+            attempts.made += 1
+            attempt = attempts.made
             try:
-                return await self._attempt(target), attempt
+                return await self._attempt(target)
             except _RetryableError as failure:
                 cap = min(
                     self._settings.backoff_max_s,
@@ -638,9 +653,7 @@ class ImageFetcher:
                     delay = min(failure.retry_after, self._settings.backoff_max_s)
                 if attempt >= self._settings.max_attempts or loop.time() + delay >= deadline:
                     raise FetchFailedError(
-                        f"{failure.message} (attempt {attempt})",
-                        reason=failure.reason,
-                        retryable=True,
+                        f"{failure.message} (attempt {attempt})", reason=failure.reason
                     ) from failure
                 await self._sleep(delay)
 

@@ -51,10 +51,10 @@ from aiohttp import web
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from tritonclient.utils import InferenceServerException
 
-from consumer.app import make_codec
 from consumer.client import Answer, read_answer, sample_event
 from consumer.errors import EventDecodeError, FetchFailedError, FetchRefusedError, PublishError
 from consumer.events import EventCodec, ListingImageUploaded
+from consumer.events.codec import codec_from_settings as make_codec
 from consumer.fetch import ImageFetcher
 from consumer.publish import Publisher
 from consumer.settings import Settings

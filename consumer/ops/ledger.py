@@ -49,9 +49,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from consumer.app import make_codec  # moved by events split
 from consumer.errors import EventDecodeError, RegistryError
-from consumer.events import EventCodec, parse_dlq_headers
+from consumer.events import EventCodec, codec_from_settings, parse_dlq_headers
 from consumer.settings import Settings
 
 HELP: Final = "check that every input event was answered once (read_committed)"
@@ -424,7 +423,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     input_topic = args.input or kafka.input_topic
     output_topic = args.output or kafka.output_topic
     # Decoding needs no subject names: the registry is asked by schema id when there is one.
-    codec = make_codec(settings)
+    codec = codec_from_settings(settings)
     try:
         totals, complete = read_ledger(
             conf,

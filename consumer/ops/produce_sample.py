@@ -17,9 +17,8 @@ from typing import Final
 
 from confluent_kafka import Consumer, Producer
 
-from consumer.app import make_codec  # moved by events split
 from consumer.client import read_answer, sample_event
-from consumer.events import EventCodec
+from consumer.events import EventCodec, codec_from_settings
 from consumer.ops.image_folder import image_urls, serve_folder
 from consumer.publish import producer_config
 from consumer.settings import Settings
@@ -68,7 +67,7 @@ def produce_sample(
     event was answered within `wait_s` (or when not waiting).
     """
     kafka = settings.kafka
-    codec = make_codec(settings)
+    codec = codec_from_settings(settings)
     urls, folder = image_urls(source, host, port)
     server = serve_folder(folder, host, port) if folder is not None else None
     watcher = Consumer(

@@ -16,8 +16,7 @@ from typing import Final
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from consumer.app import DLQ_VALUE_OMITTED_HEADER, original_headers  # moved by events split
-from consumer.events import parse_dlq_headers
+from consumer.events import DLQ_VALUE_OMITTED_HEADER, original_headers, parse_dlq_headers
 from consumer.publish import producer_config
 from consumer.settings import Settings
 

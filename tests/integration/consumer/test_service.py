@@ -10,6 +10,7 @@ import pytest
 
 from consumer.events import EventCodec, parse_dlq_headers
 from consumer.preprocess import decode_image
+from consumer.settings import FetchSettings
 from devstack.kafka import KafkaBroker
 from devstack.triton import TritonServer
 from tests.conftest import ServedModel, ServiceFactory, Topics
@@ -97,16 +98,19 @@ def test_every_kind_of_bad_input_lands_in_the_dlq_with_its_reason(
         return CODEC.encode_uploaded(make_event(url))
 
     add = image_origin.add
+    # key, value, reason; every case but "unavailable" fails on its first attempt.
     cases: list[tuple[bytes | None, bytes, str]] = [
         (b"garbage", b"not avro at all", "event_undecodable"),
         (b"loopback", event_for("http://127.0.0.1:1/x.jpg"), "address_refused"),
         (b"metadata", event_for("http://169.254.169.254/latest"), "address_refused"),
         (b"scheme", event_for("file:///etc/passwd"), "scheme_refused"),
         (b"missing", event_for(image_origin.url("bad/none.jpg")), "http_status"),
+        (b"unavailable", event_for(image_origin.url("_/status/503")), "http_status"),
         (b"notimage", event_for(add("bad/page.jpg", b"<html>hi</html>")), "not_an_image"),
         (b"gif", event_for(add("bad/a.gif", photo(2, fmt="GIF"))), "format_refused"),
         (b"truncated", event_for(add("bad/t.jpg", photo(3)[:2000])), "image_undecodable"),
     ]
+    attempts = {b"unavailable": FetchSettings().max_attempts}  # 503: retried, then given up
     service = start_service()
     service.wait_ready()
     produce(
@@ -126,6 +130,7 @@ def test_every_kind_of_bad_input_lands_in_the_dlq_with_its_reason(
         assert record.value() == value, "the DLQ keeps the original value unchanged"
         info = parse_dlq_headers(record.headers() or [])
         assert info.reason == reason, (key, info)
+        assert info.attempts == attempts.get(key, 1), (key, info)
         assert info.original_topic == topics.input
         assert info.message
     assert service.terminate() == 0

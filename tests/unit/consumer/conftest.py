@@ -1,4 +1,4 @@
-"""Fixtures shared by the consumer's unit tests: a metrics registry of the test's own."""
+"""Fixtures shared by the consumer's unit tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from consumer.metrics import Metrics
 
 @pytest.fixture
 def registry() -> CollectorRegistry:
+    """A registry of the test's own, so metric values start at zero."""
     return CollectorRegistry()
 
 

@@ -10,8 +10,9 @@ from confluent_kafka import Message
 
 from consumer.app import Pipeline, confidence_threshold
 from consumer.delivery.at_least_once import AtLeastOnce
-from consumer.errors import PublishError, RecordTooLargeError
+from consumer.errors import FetchFailedError, PublishError, RecordTooLargeError
 from consumer.events import parse_dlq_headers
+from consumer.fetch import FetchedImage
 from consumer.infer import ModelInfo
 from consumer.metrics import Metrics
 from consumer.settings import ConsumerSettings, Settings
@@ -225,6 +226,19 @@ async def test_a_dlq_record_the_broker_refuses_as_too_large_is_resent_without_it
     ((topic, _key, value, headers),) = publisher.records
     assert (topic, value) == ("dlq", b"")
     assert dict(headers)["dlq.value.omitted"] == b"5000"
+
+
+async def test_a_fetch_failure_is_dead_lettered_with_the_attempts_the_fetch_made() -> None:
+    class Unavailable(GatedFetcher):
+        async def fetch(self, url: str) -> FetchedImage:
+            raise FetchFailedError("HTTP 503 (attempt 3)", reason="http_status", attempts=3)
+
+    pipeline, publisher, _, _ = make_pipeline(fetcher=Unavailable())
+    pipeline.on_messages([message(0)])
+    assert await pipeline.wait_idle(5)
+    ((topic, _key, _value, headers),) = publisher.records
+    info = parse_dlq_headers(headers)
+    assert (topic, info.stage, info.reason, info.attempts) == ("dlq", "fetch", "http_status", 3)
 
 
 async def test_work_abandoned_before_it_started_leaves_the_window() -> None:

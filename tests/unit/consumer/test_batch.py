@@ -82,6 +82,21 @@ def make_batcher(
     return Batcher(inferer, model(max_batch_size), settings, metrics, queue_size=queue_size)
 
 
+async def one_batch_in_flight(
+    metrics: Metrics, *, max_batch_size: int, queue_size: int | None = None
+) -> tuple[FakeInferer, Batcher, asyncio.Task[BatchResult]]:
+    """A batcher with one inference slot, taken by image 0 whose batch is held at the gate."""
+    inferer = FakeInferer()
+    inferer.gate.clear()
+    batcher = make_batcher(
+        inferer, metrics, max_batch_size=max_batch_size, wait_ms=0, inflight=1,
+        queue_size=queue_size,
+    )  # fmt: skip
+    first = asyncio.create_task(batcher.submit(image(0)))
+    await inferer.wait_for_batches(1)
+    return inferer, batcher, first
+
+
 async def run_ready_tasks() -> None:
     """Let every task that is ready now run to its next suspension point.
 
@@ -146,12 +161,7 @@ async def test_no_more_batches_in_flight_than_allowed(metrics: Metrics) -> None:
 
 
 async def test_while_slots_are_busy_images_gather_into_full_batches(metrics: Metrics) -> None:
-    inferer = FakeInferer()
-    inferer.gate.clear()
-    batcher = make_batcher(inferer, metrics, max_batch_size=4, wait_ms=0, inflight=1)
-
-    first = asyncio.create_task(batcher.submit(image(0)))
-    await inferer.wait_for_batches(1)
+    inferer, batcher, first = await one_batch_in_flight(metrics, max_batch_size=4)
     rest = [asyncio.create_task(batcher.submit(image(i))) for i in range(1, 9)]
     await run_ready_tasks()
     inferer.gate.set()
@@ -206,11 +216,7 @@ async def test_a_cancelled_submitter_does_not_disturb_its_batch(metrics: Metrics
 
 
 async def test_an_image_cancelled_while_queued_is_not_sent(metrics: Metrics) -> None:
-    inferer = FakeInferer()
-    inferer.gate.clear()
-    batcher = make_batcher(inferer, metrics, max_batch_size=4, wait_ms=0, inflight=1)
-    first = asyncio.create_task(batcher.submit(image(0)))
-    await inferer.wait_for_batches(1)
+    inferer, batcher, first = await one_batch_in_flight(metrics, max_batch_size=4)
     queued = [asyncio.create_task(batcher.submit(image(i))) for i in (1, 2, 3)]
     await run_ready_tasks()
 
@@ -224,11 +230,7 @@ async def test_an_image_cancelled_while_queued_is_not_sent(metrics: Metrics) -> 
 
 
 async def test_a_full_queue_holds_submitters_back(metrics: Metrics) -> None:
-    inferer = FakeInferer()
-    inferer.gate.clear()
-    batcher = make_batcher(inferer, metrics, max_batch_size=1, wait_ms=0, inflight=1, queue_size=2)
-    first = asyncio.create_task(batcher.submit(image(0)))
-    await inferer.wait_for_batches(1)
+    inferer, batcher, first = await one_batch_in_flight(metrics, max_batch_size=1, queue_size=2)
 
     later = [asyncio.create_task(batcher.submit(image(i))) for i in (1, 2, 3, 4)]
     await run_ready_tasks()

@@ -174,6 +174,22 @@ def started_source(
     return source
 
 
+async def backlog_at_the_mark(
+    pause_after_s: float,
+) -> tuple[BatchWaitingConsumer, Handler, KafkaSource]:
+    """A source over a backlog whose window (10 in flight, resume at 5) has just filled."""
+    fake = BatchWaitingConsumer(available=1000)
+    handler = Handler(expected=10)
+    marks = ConsumerSettings(max_inflight=10, resume_inflight=5, poll_batch=4)
+    source = started_source(fake, handler, marks, pause_after_s=pause_after_s)
+    try:
+        await asyncio.wait_for(handler.all_there.wait(), timeout=10)
+    except BaseException:
+        await source.close({})
+        raise
+    return fake, handler, source
+
+
 async def test_messages_already_fetched_are_handed_over_without_waiting_for_a_full_batch() -> None:
     fake = BatchWaitingConsumer(available=3)
     handler = Handler(expected=3)
@@ -227,12 +243,8 @@ async def test_a_committed_offset_read_with_an_error_fails_the_rewind_and_seeks_
 async def test_at_the_mark_the_source_waits_for_credit_without_pausing() -> None:
     # Pausing throws librdkafka's prefetched messages away: a pipeline that releases soon
     # after the window filled must find them still there.
-    fake = BatchWaitingConsumer(available=1000)
-    handler = Handler(expected=10)
-    marks = ConsumerSettings(max_inflight=10, resume_inflight=5, poll_batch=4)
-    source = started_source(fake, handler, marks, pause_after_s=60)
+    fake, handler, source = await backlog_at_the_mark(pause_after_s=60)
     try:
-        await asyncio.wait_for(handler.all_there.wait(), timeout=10)
         source.store({("in", 0): 3})  # a request is served while the source waits
         await asyncio.wait_for(asyncio.to_thread(fake.stored_event.wait), timeout=10)
         assert handler.offsets == list(range(10))
@@ -248,12 +260,8 @@ async def test_at_the_mark_the_source_waits_for_credit_without_pausing() -> None
 
 async def test_no_more_than_max_inflight_is_handed_over_until_some_is_released() -> None:
     # A backlog: every poll could return a full batch. The loop has not released anything.
-    fake = BatchWaitingConsumer(available=1000)
-    handler = Handler(expected=10)
-    marks = ConsumerSettings(max_inflight=10, resume_inflight=5, poll_batch=4)
-    source = started_source(fake, handler, marks, pause_after_s=0.05)
+    fake, handler, source = await backlog_at_the_mark(pause_after_s=0.05)
     try:
-        await asyncio.wait_for(handler.all_there.wait(), timeout=10)
         # Still full after PAUSE_AFTER_S: paused, and polling on (serving the group)
         # without handing more.
         await asyncio.wait_for(asyncio.to_thread(fake.paused_polls.wait), timeout=10)

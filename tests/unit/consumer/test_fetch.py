@@ -370,7 +370,7 @@ async def test_resolver_fault_is_retried(make: Make) -> None:
     resolver = FakeResolver({"flaky.example.com": flaky})
     harness = make(resolver=resolver)
     error = await failed(harness, "http://flaky.example.com/a.png")
-    assert (error.reason, error.retryable) == ("fetch_failed", True)
+    assert (error.reason, error.attempts) == ("fetch_failed", 3)
     assert resolver.calls == ["flaky.example.com"] * 3
 
 
@@ -579,7 +579,7 @@ async def test_redirect_without_location_fails(make: Make) -> None:
 
     harness = make(no_location)
     error = await failed(harness, harness.origin.url())
-    assert (error.reason, error.retryable) == ("http_status", False)
+    assert (error.reason, error.attempts) == ("http_status", 1)
     assert len(harness.requests) == 1
 
 
@@ -785,16 +785,32 @@ async def test_503_is_retried_with_exponential_backoff(make: Make) -> None:
 async def test_persistent_503_fails_after_max_attempts(make: Make) -> None:
     harness = make(status(503))
     error = await failed(harness, harness.origin.url())
-    assert error.reason == "http_status"
-    assert error.retryable is True
+    assert (error.reason, error.attempts) == ("http_status", 3)
+    assert not error.retryable  # its retries are spent: bad input, dead-lettered
     assert len(harness.requests) == 3
+
+
+async def test_an_error_on_a_later_attempt_says_how_many_were_made(make: Make) -> None:
+    harness = make(sequence(status(503), status(404)))
+    error = await failed(harness, harness.origin.url())
+    assert (error.reason, error.attempts) == ("http_status", 2)
+
+    harness = make(sequence(status(503), status(503), serving(b"<html>hi</html>", "image/png")))
+    refusal = await refused(harness, harness.origin.url())
+    assert (refusal.reason, refusal.attempts) == ("not_an_image", 3)
+
+
+async def test_the_deadline_says_how_many_attempts_were_made(make: Make) -> None:
+    harness = make(sequence(status(503), hang), total_timeout_s=0.2)
+    error = await failed(harness, harness.origin.url())
+    assert (error.reason, error.attempts) == ("fetch_timeout", 2)
+    assert len(harness.requests) == 2
 
 
 async def test_404_fails_at_once(make: Make) -> None:
     harness = make(status(404))
     error = await failed(harness, harness.origin.url())
-    assert error.reason == "http_status"
-    assert error.retryable is False
+    assert (error.reason, error.attempts) == ("http_status", 1)
     assert len(harness.requests) == 1
     assert harness.delays == []
 
@@ -824,7 +840,7 @@ async def test_origin_faults_are_retried(
 ) -> None:
     harness = make(misbehaviour, **settings)
     error = await failed(harness, harness.origin.url())
-    assert (error.reason, error.retryable) == (reason, True)
+    assert (error.reason, error.attempts) == (reason, 3)
     assert len(harness.requests) == 3
 
     harness = make(sequence(misbehaviour, serve_png), **settings)
@@ -844,7 +860,7 @@ async def test_body_shorter_than_its_length_is_retried(make: Make) -> None:
 
     harness = make(short)
     error = await failed(harness, harness.origin.url())
-    assert (error.reason, error.retryable) == ("fetch_failed", True)
+    assert (error.reason, error.attempts) == ("fetch_failed", 3)
     assert len(harness.requests) == 3
 
 
@@ -852,7 +868,7 @@ async def test_connection_refused_is_retried(make: Make) -> None:
     harness = make(allowed_hosts=("images.example.com",))
     with closed_port() as port:
         error = await failed(harness, f"http://images.example.com:{port}/a.png")
-    assert (error.reason, error.retryable) == ("fetch_failed", True)
+    assert (error.reason, error.attempts) == ("fetch_failed", 3)
     assert len(harness.connecting) == 3
     assert harness.connected == []
 
@@ -869,7 +885,7 @@ async def test_connect_timeout_is_retried(make: Make) -> None:
     try:
         harness = make(allowed_hosts=(f"images.example.com:{port}",), connect_timeout_s=0.05)
         error = await failed(harness, f"https://images.example.com:{port}/a.png")
-        assert (error.reason, error.retryable) == ("fetch_timeout", True)
+        assert (error.reason, error.attempts) == ("fetch_timeout", 3)
         assert len(harness.connecting) == 3
     finally:
         for writer in accepted:
@@ -888,7 +904,7 @@ async def test_no_retry_when_the_backoff_would_pass_the_deadline(make: Make) -> 
 async def test_total_deadline(make: Make) -> None:
     harness = make(hang, total_timeout_s=0.05)
     error = await failed(harness, harness.origin.url())
-    assert (error.reason, error.retryable) == ("fetch_timeout", True)
+    assert (error.reason, error.attempts) == ("fetch_timeout", 1)
 
 
 @pytest.mark.parametrize("code", [204, 206, 304, 401, 403, 410])

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import numpy as np
 import pytest
 
 from consumer.errors import ModelContractError
-from consumer.postprocess import CategoryScore, Prediction, postprocess
+from consumer.events.codec import EventCodec
+from consumer.events.models import CategorySuggestion, SuggestionRecord
+from consumer.postprocess import CategoryScore, Prediction, postprocess, suggestion_record
+from tests.support.events import uploaded
 
 LABELS = ("books", "car", "furniture", "mobile", "motorcycle")
 
@@ -63,3 +68,52 @@ def test_scores_outside_the_unit_interval_are_refused(bad: float) -> None:
 def test_a_batch_instead_of_one_row_is_refused() -> None:
     with pytest.raises(ModelContractError, match=r"shape \(C,\)"):
         postprocess(np.full((1, 5), 0.2, dtype=np.float32), LABELS, threshold=0.5)
+
+
+EVENT = uploaded()
+SECONDS = {"fetch_s": 0.012, "preprocess_s": 0.003, "inference_s": 0.02}
+
+
+def record_after(row: list[float], delay: timedelta) -> SuggestionRecord:
+    """The suggestion record of EVENT for probabilities `row`, made `delay` after its upload."""
+    prediction = postprocess(np.array(row), LABELS, threshold=0.5)
+    model = {"model_name": "category_classifier", "model_version": "3"}
+    return suggestion_record(
+        EVENT, prediction, threshold=0.5, now=EVENT.uploaded_at + delay, **model, **SECONDS
+    )
+
+
+def test_suggestion_record_is_a_valid_suggestion_of_the_event() -> None:
+    record = record_after([0.1, 0.6, 0.05, 0.2, 0.05], timedelta(seconds=2, microseconds=345678))
+
+    model = CategorySuggestion.model_validate(record)  # keeps the contract
+    assert (model.source_event_id, model.listing_id, model.image_id) == (
+        EVENT.event_id,
+        EVENT.listing_id,
+        EVENT.image_id,
+    )
+    assert model.event_id != EVENT.event_id
+    assert (model.category, model.confident, model.confidence_threshold) == ("car", True, 0.5)
+    assert [s.category for s in model.scores] == [
+        "car",
+        "mobile",
+        "books",
+        "furniture",
+        "motorcycle",
+    ]
+    assert (model.model_name, model.model_version) == ("category_classifier", "3")
+    assert model.produced_at == datetime(2024, 5, 17, 9, 30, 17, 468000, tzinfo=UTC)
+    assert model.timings.model_dump() == pytest.approx(
+        {"fetch_ms": 12.0, "preprocess_ms": 3.0, "inference_ms": 20.0, "total_ms": 2345.0}
+    )
+    codec = EventCodec()  # written unvalidated, the record is the model's bytes
+    assert codec.encode_suggestion_record(record) == codec.encode_suggestion(model)
+
+
+def test_suggestion_record_ids_are_fresh_and_skewed_clocks_give_zero_total() -> None:
+    # This clock is behind the uploader's.
+    first, second = (record_after([0.3, 0.25, 0.2, 0.15, 0.1], timedelta(seconds=-5)) for _ in "ab")
+    assert first["event_id"] != second["event_id"]
+    assert first["timings"]["total_ms"] == 0.0
+    assert not first["confident"]
+    assert CategorySuggestion.model_validate(first).category == "books"

@@ -7,8 +7,7 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from consumer.app import DLQ_VALUE_OMITTED_HEADER
-from consumer.events import dlq_headers
+from consumer.events import DLQ_VALUE_OMITTED_HEADER, dlq_headers
 from consumer.ops.replay_dlq import replay_dlq
 from consumer.settings import KafkaSettings, Settings
 from devstack.kafka import KafkaBroker

@@ -24,17 +24,11 @@ loaded = [name for name in sys.modules if any(
 print(json.dumps(sorted(loaded)))
 """
 
-# make_codec and the DLQ record helpers still live in consumer.app, which loads the Triton
-# client and aiohttp; these pass once the commands import them from consumer.events.
-_CODEC_IN_APP = pytest.mark.xfail(
-    strict=True, reason="make_codec and the DLQ record helpers are still in consumer.app"
-)
-
 COMMAND_MODULES = [
-    pytest.param("consumer.__main__", marks=_CODEC_IN_APP),
-    pytest.param("consumer.ops.ledger", marks=_CODEC_IN_APP),
-    pytest.param("consumer.ops.replay_dlq", marks=_CODEC_IN_APP),
-    pytest.param("consumer.ops.produce_sample", marks=_CODEC_IN_APP),
+    "consumer.__main__",
+    "consumer.ops.ledger",
+    "consumer.ops.replay_dlq",
+    "consumer.ops.produce_sample",
     "consumer.ops.image_folder",
     # What the commands are built on.
     "consumer.client",

@@ -1,12 +1,6 @@
-"""Event contracts: the Avro schemas in `consumer/schemas/`, their models and their codec.
+"""The event codec: models of `consumer.events.models` to Kafka values and back.
 
-The schemas are the contract; the pydantic models mirror them field for field
-(`ListingImageUploaded`, `CategorySuggestion` with `CategoryScore` and `StageTimings`, and
-`DlqInfo` for the dead-letter headers). Timestamps are aware UTC datetimes truncated to
-milliseconds, like `timestamp-millis` on the wire, so a model survives a round trip equal.
-
-`EventCodec` turns models into Kafka values and back. Two framings, told apart by the
-first bytes:
+Two framings, told apart by the first bytes:
 
 - Avro single-object encoding (no registry): `C3 01`, the 8-byte little-endian
   CRC-64-AVRO fingerprint of the writer schema's Parsing Canonical Form, the Avro binary
@@ -25,18 +19,16 @@ Writer schemas are trusted (our repository or our registry); the bytes are not. 
 reads are bounded by the value size: a length prefix larger than the bytes left fails
 with `EventDecodeError` before anything of that size is allocated, and values over
 `max_event_bytes` are refused unread.
+
+`codec_from_settings` builds the service's codec (with a registry when one is set).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import re
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
-from importlib import resources
-from typing import Annotated, Any, Final, Generic, TypedDict, TypeVar
-from uuid import UUID
+from collections.abc import Mapping
+from typing import Any, Final, Generic, TypeVar
 
 import httpx
 from confluent_kafka.schema_registry import (
@@ -51,25 +43,23 @@ from confluent_kafka.schema_registry.schema_registry_client import Schema
 from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.read import SchemaResolutionError
-from fastavro.schema import fingerprint, to_parsing_canonical_form
-from pydantic import (
-    AfterValidator,
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
+from pydantic import ValidationError
+
+from consumer.errors import EventDecodeError, RegistryError
+from consumer.events.models import (
+    CategorySuggestion,
+    EventModel,
+    ListingImageUploaded,
+    SuggestionRecord,
 )
-
-from consumer.errors import EventDecodeError, RegistryError, SuggesterError
-
-NAMESPACE: Final = "com.marketplace.categorysuggester"
-
-# Schema names: `<name>.avsc` in consumer/schemas, history in schemas/history/<name>/v<N>.avsc.
-UPLOADED_SCHEMA: Final = "listing_image_uploaded"
-SUGGESTION_SCHEMA: Final = "category_suggestion"
-DLQ_HEADERS_SCHEMA: Final = "dlq_headers"
+from consumer.events.schemas import (
+    SUGGESTION_SCHEMA,
+    UPLOADED_SCHEMA,
+    load_schema,
+    load_schema_history,
+    schema_fingerprint,
+)
+from consumer.settings import Settings
 
 SINGLE_OBJECT_MARKER: Final = b"\xc3\x01"
 CONFLUENT_MAGIC: Final = 0x00
@@ -86,358 +76,11 @@ DECODE_REASONS: Final = (
     REASON_SCHEMA_INVALID,
     REASON_TOO_LARGE,
 )
-REASON_DLQ_HEADERS_INVALID: Final = "dlq_headers_invalid"  # parse_dlq_headers only
 
-# Dead-letter headers (documented in schemas/dlq_headers.avsc); values are UTF-8 strings.
-DLQ_HEADER_PREFIX: Final = "dlq."
-DLQ_ERROR_CLASS: Final = "dlq.error.class"
-DLQ_STAGE: Final = "dlq.stage"
-DLQ_REASON: Final = "dlq.reason"
-DLQ_MESSAGE: Final = "dlq.message"
-DLQ_ORIGINAL_TOPIC: Final = "dlq.original.topic"
-DLQ_ORIGINAL_PARTITION: Final = "dlq.original.partition"
-DLQ_ORIGINAL_OFFSET: Final = "dlq.original.offset"
-DLQ_ATTEMPTS: Final = "dlq.attempts"
-DLQ_FAILED_AT: Final = "dlq.failed.at"
-DLQ_SERVICE_VERSION: Final = "dlq.service.version"
-DLQ_MESSAGE_MAX_BYTES: Final = 1024
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS: Final = timedelta(milliseconds=1)
-_SCHEMA_NAME = re.compile(r"[a-z][a-z0-9_]*")
-_HISTORY_FILE = re.compile(r"v([1-9][0-9]*)\.avsc")
-_DECIMAL = re.compile(r"-?[0-9]{1,19}")
 # Error texts end up in logs and DLQ headers; keep them short whatever the input was.
 _MAX_DETAIL = 300
 
-
-# --------------------------------------------------------------------------- models
-
-
-def utc_millis(value: datetime) -> datetime:
-    """`value` in UTC, truncated to milliseconds (what `timestamp-millis` keeps)."""
-    value = value.astimezone(UTC)
-    return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
-
-
-UtcMillis = Annotated[AwareDatetime, AfterValidator(utc_millis)]
-"""An aware datetime, converted to UTC and truncated to milliseconds (`timestamp-millis`)."""
-
-Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-Millis = Annotated[float, Field(allow_inf_nan=False)]
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-# Ids travel on as Kafka keys and values of the suggestion; one of a megabyte breaks the
-# contract instead (no real id is near this long).
-MAX_ID_LENGTH: Final = 256
-Id = Annotated[str, Field(max_length=MAX_ID_LENGTH)]
-
-
-class ListingImageUploaded(_Record):
-    """`listing_image_uploaded.avsc`: a seller uploaded an image (key: listing_id).
-
-    Validation is Avro's plus a length bound on ids (`MAX_ID_LENGTH` characters):
-    `image_url` is any string here; the fetch step applies the URL policy.
-    """
-
-    event_id: UUID
-    listing_id: Id
-    image_id: Id
-    image_url: str
-    uploaded_at: UtcMillis
-    seller_id: Id | None = None
-    country: Id | None = None
-
-
-class CategoryScore(_Record):
-    """One category and the model's probability for it."""
-
-    category: str
-    score: Probability
-
-
-class StageTimings(_Record):
-    """Per-stage latency of one event, in milliseconds (see the schema's field docs)."""
-
-    fetch_ms: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-    preprocess_ms: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-    inference_ms: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-    # Measured across machines from uploaded_at: clock skew can make it negative.
-    total_ms: Millis
-
-
-class CategorySuggestion(_Record):
-    """`category_suggestion.avsc`: the suggestion for one image (key: listing_id).
-
-    Beyond Avro's types this model holds the contract the schema docs state, so a
-    suggestion that breaks it can be neither produced nor accepted: probabilities in
-    [0, 1]; `scores` not empty, distinct, sorted highest first; `category`/`score` equal
-    to `scores[0]`; `confident` equal to `score >= confidence_threshold`.
-    """
-
-    event_id: UUID
-    source_event_id: UUID
-    listing_id: str
-    image_id: str
-    category: str
-    score: Probability
-    scores: tuple[CategoryScore, ...] = Field(min_length=1)
-    confident: bool
-    confidence_threshold: Probability
-    model_name: str
-    model_version: str
-    timings: StageTimings
-    produced_at: UtcMillis
-
-    @model_validator(mode="after")
-    def _consistent(self) -> CategorySuggestion:
-        top = self.scores[0]
-        if (self.category, self.score) != (top.category, top.score):
-            raise ValueError("category and score must equal scores[0]")
-        if any(a.score < b.score for a, b in zip(self.scores, self.scores[1:], strict=False)):
-            raise ValueError("scores must be sorted by score, highest first")
-        if len({s.category for s in self.scores}) != len(self.scores):
-            raise ValueError("scores must name each category once")
-        if self.confident != (self.score >= self.confidence_threshold):
-            raise ValueError("confident must equal score >= confidence_threshold")
-        return self
-
-
-class ScoreRecord(TypedDict):
-    category: str
-    score: float
-
-
-class TimingsRecord(TypedDict):
-    fetch_ms: float
-    preprocess_ms: float
-    inference_ms: float
-    total_ms: float
-
-
-class SuggestionRecord(TypedDict):
-    """A suggestion as the Avro writer takes it: the shape of `CategorySuggestion.model_dump()`.
-
-    For the service's hot path, where validating a suggestion cost more than building it:
-    `EventCodec.encode_suggestion_record` writes it without the model's checks, so build
-    one only from values that keep the contract (see `CategorySuggestion`).
-    """
-
-    event_id: UUID
-    source_event_id: UUID
-    listing_id: str
-    image_id: str
-    category: str
-    score: float
-    scores: list[ScoreRecord]
-    confident: bool
-    confidence_threshold: float
-    model_name: str
-    model_version: str
-    timings: TimingsRecord
-    produced_at: datetime
-
-
-class DlqInfo(_Record):
-    """Why and whence a dead-lettered record: the values of its `dlq.*` headers.
-
-    `message` is truncated to `DLQ_MESSAGE_MAX_BYTES` UTF-8 bytes on validation.
-    """
-
-    error_class: str
-    stage: str
-    reason: str
-    message: str
-    original_topic: str
-    original_partition: int = Field(ge=0, le=2**31 - 1)
-    original_offset: int = Field(ge=0, le=2**63 - 1)
-    attempts: int = Field(ge=1, le=2**31 - 1)
-    failed_at: UtcMillis
-    service_version: str
-
-    @model_validator(mode="before")
-    @classmethod
-    def _truncate_message(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("message"), str):
-            data = {**data, "message": _truncate_utf8(data["message"], DLQ_MESSAGE_MAX_BYTES)}
-        return data
-
-    @classmethod
-    def for_error(
-        cls,
-        error: BaseException,
-        *,
-        topic: str,
-        partition: int,
-        offset: int,
-        attempts: int,
-        service_version: str,
-        failed_at: datetime | None = None,
-    ) -> DlqInfo:
-        """The headers' values for `error`, raised while processing topic/partition/offset.
-
-        Stage and reason come from a `SuggesterError`; any other exception (a bug that
-        the caller chose to dead-letter) gets stage `unknown` and reason `error`.
-        """
-        stage = error.stage if isinstance(error, SuggesterError) else "unknown"
-        reason = error.reason if isinstance(error, SuggesterError) else "error"
-        return cls(
-            error_class=type(error).__name__,
-            stage=stage,
-            reason=reason,
-            message=str(error),
-            original_topic=topic,
-            original_partition=partition,
-            original_offset=offset,
-            attempts=attempts,
-            failed_at=failed_at if failed_at is not None else datetime.now(UTC),
-            service_version=service_version,
-        )
-
-
-def _truncate_utf8(text: str, max_bytes: int) -> str:
-    encoded = text.encode("utf-8", errors="replace")
-    if len(encoded) <= max_bytes:
-        return text
-    # Cut on a character boundary: drop a partial trailing sequence.
-    return encoded[:max_bytes].decode("utf-8", errors="ignore")
-
-
-def _to_millis(value: datetime) -> int:
-    return (value - _EPOCH) // _ONE_MS
-
-
-# ----------------------------------------------------------------------- DLQ headers
-
-_DLQ_FIELDS: Final = (
-    ("error_class", DLQ_ERROR_CLASS),
-    ("stage", DLQ_STAGE),
-    ("reason", DLQ_REASON),
-    ("message", DLQ_MESSAGE),
-    ("original_topic", DLQ_ORIGINAL_TOPIC),
-    ("original_partition", DLQ_ORIGINAL_PARTITION),
-    ("original_offset", DLQ_ORIGINAL_OFFSET),
-    ("attempts", DLQ_ATTEMPTS),
-    ("failed_at", DLQ_FAILED_AT),
-    ("service_version", DLQ_SERVICE_VERSION),
-)
-_DLQ_INT_FIELDS: Final = frozenset({"original_partition", "original_offset", "attempts"})
-
-
-def dlq_headers(info: DlqInfo) -> list[tuple[str, bytes]]:
-    """The `dlq.*` headers for a dead-letter record, values as UTF-8 strings.
-
-    Integers are decimal; `failed_at` is decimal milliseconds since the Unix epoch.
-    The DLQ record itself keeps the original key and value bytes unchanged.
-    """
-    out: list[tuple[str, bytes]] = []
-    for field, header in _DLQ_FIELDS:
-        value = getattr(info, field)
-        text = str(_to_millis(value)) if isinstance(value, datetime) else str(value)
-        out.append((header, text.encode("utf-8")))
-    return out
-
-
-def parse_dlq_headers(
-    headers: Iterable[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None,
-) -> DlqInfo:
-    """The `DlqInfo` of a dead-letter record, from its headers (`Message.headers()`).
-
-    Other headers are ignored; when a `dlq.*` header repeats, the last one wins (the most
-    recent failure). Raises `EventDecodeError(reason="dlq_headers_invalid")` when a
-    header is missing, is not UTF-8 or does not parse.
-    """
-    items = headers.items() if isinstance(headers, Mapping) else (headers or ())
-    found: dict[str, bytes | str | None] = {}
-    for name, value in items:
-        if name.startswith(DLQ_HEADER_PREFIX):
-            found[name] = value
-    values: dict[str, Any] = {}
-    try:
-        for field, header in _DLQ_FIELDS:
-            raw = found.get(header)
-            if raw is None:
-                raise ValueError(f"header {header} is missing")
-            text = raw if isinstance(raw, str) else raw.decode("utf-8")
-            if field in _DLQ_INT_FIELDS or field == "failed_at":
-                if not _DECIMAL.fullmatch(text):
-                    raise ValueError(f"header {header} is not a decimal integer: {text[:40]!r}")
-                number = int(text)
-                values[field] = _EPOCH + number * _ONE_MS if field == "failed_at" else number
-            else:
-                values[field] = text
-        return DlqInfo(**values)
-    except (ValueError, OverflowError) as exc:  # ValidationError and UnicodeError are ValueErrors
-        raise EventDecodeError(
-            f"dead-letter headers do not parse: {_detail(exc)}", reason=REASON_DLQ_HEADERS_INVALID
-        ) from exc
-
-
-def without_dlq_headers(
-    headers: Iterable[tuple[str, bytes | None]] | None,
-) -> list[tuple[str, bytes | None]]:
-    """`headers` less every `dlq.*` one: what a replayed record carries back to the input."""
-    return [(k, v) for k, v in (headers or ()) if not k.startswith(DLQ_HEADER_PREFIX)]
-
-
-# -------------------------------------------------------------------------- schemas
-
-
-def _schemas_dir() -> resources.abc.Traversable:
-    return resources.files("consumer") / "schemas"
-
-
-def _checked_name(name: str) -> str:
-    if not _SCHEMA_NAME.fullmatch(name):
-        raise ValueError(f"not a schema name: {name!r}")
-    return name
-
-
-def load_schema(name: str) -> dict[str, Any]:
-    """The current schema `<name>.avsc` from the package, as parsed JSON (a fresh copy).
-
-    Raises `FileNotFoundError` for an unknown name, `ValueError` for a malformed one.
-    """
-    text = (_schemas_dir() / f"{_checked_name(name)}.avsc").read_text(encoding="utf-8")
-    schema: dict[str, Any] = json.loads(text)
-    return schema
-
-
-def load_schema_history(name: str) -> dict[int, dict[str, Any]]:
-    """Released versions of schema `name`, `{version: schema}` from `history/<name>/v<N>.avsc`.
-
-    Empty when the package carries no history for `name`.
-    """
-    folder = _schemas_dir() / "history" / _checked_name(name)
-    if not folder.is_dir():
-        return {}
-    versions: dict[int, dict[str, Any]] = {}
-    for entry in folder.iterdir():
-        match = _HISTORY_FILE.fullmatch(entry.name)
-        if match:
-            versions[int(match.group(1))] = json.loads(entry.read_text(encoding="utf-8"))
-    return dict(sorted(versions.items()))
-
-
-def schema_fingerprint(schema: Mapping[str, Any] | str) -> bytes:
-    """CRC-64-AVRO (Rabin) fingerprint of the schema's Parsing Canonical Form.
-
-    `schema` is a parsed `.avsc` (a mapping) or schema JSON text (e.g. `'"int"'`).
-
-    Returned as the 8 little-endian bytes that follow `C3 01` in single-object encoding.
-    """
-    parsed = json.loads(schema) if isinstance(schema, str) else dict(schema)
-    # fastavro renders the 64-bit value as hex of its little-endian bytes.
-    return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-
-
-# ---------------------------------------------------------------------------- codec
-
-_M = TypeVar("_M", bound=_Record)
+_M = TypeVar("_M", bound=EventModel)
 
 
 def _detail(exc: BaseException) -> str:
@@ -763,3 +406,19 @@ class EventCodec:
         Raises `EventDecodeError` (reason in `DECODE_REASONS`) or `RegistryError`.
         """
         return self._suggestion.decode(data, self._max_event_bytes)
+
+
+def codec_from_settings(settings: Settings) -> EventCodec:
+    """The service's codec: Confluent framing with a registry (`settings.registry.url`),
+    single-object encoding without; subjects from the input and output topics."""
+    registry = None
+    if settings.registry.url:
+        conf = {"url": settings.registry.url}
+        if settings.registry.basic_auth_user_info is not None:
+            conf["basic.auth.user.info"] = settings.registry.basic_auth_user_info.get_secret_value()
+        registry = SchemaRegistryClient.new_client(conf)
+    return EventCodec(
+        registry,
+        input_topic=settings.kafka.input_topic,
+        output_topic=settings.kafka.output_topic,
+    )

@@ -1,4 +1,5 @@
-"""Event models and codec: both framings, interop with a plain fastavro producer, hostile bytes."""
+"""The event codec (consumer/events/codec.py): both framings, interop with a plain fastavro
+producer, hostile bytes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import random
 import tracemalloc
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import fastavro
@@ -19,40 +19,30 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry import SchemaRegistryError as ClientRegistryError
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
-from pydantic import ValidationError
 
-import consumer
-from consumer import events
-from consumer.errors import EventDecodeError, FetchRefusedError, RegistryError
-from consumer.events import (
-    CategorySuggestion,
-    DlqInfo,
+from consumer.errors import EventDecodeError, RegistryError
+from consumer.events.codec import (
+    DECODE_REASONS,
+    SINGLE_OBJECT_MARKER,
     EventCodec,
-    ListingImageUploaded,
-    StageTimings,
+    codec_from_settings,
 )
-
-SCHEMAS = Path(consumer.__file__).parent / "schemas"
-INPUT_TOPIC = "listing-image-uploaded"
-OUTPUT_TOPIC = "category-suggestion"
-
-
-# ------------------------------------------------------------------------- helpers
-
-
-def rabin64(data: bytes) -> int:
-    """CRC-64-AVRO as the Avro specification defines it (independent of fastavro)."""
-    empty = 0xC15D213AA4D7A795
-    table = []
-    for i in range(256):
-        fp = i
-        for _ in range(8):
-            fp = (fp >> 1) ^ (empty & -(fp & 1))
-        table.append(fp)
-    fp = empty
-    for byte in data:
-        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
-    return fp
+from consumer.events.models import ListingImageUploaded, SuggestionRecord
+from consumer.events.schemas import (
+    SUGGESTION_SCHEMA,
+    UPLOADED_SCHEMA,
+    load_schema,
+    schema_fingerprint,
+)
+from consumer.settings import Settings
+from tests.support.events import (
+    INPUT_TOPIC,
+    OUTPUT_TOPIC,
+    SCHEMAS,
+    rabin64,
+    suggestion,
+    uploaded,
+)
 
 
 def zigzag(n: int) -> bytes:
@@ -69,46 +59,6 @@ def zigzag(n: int) -> bytes:
 def avro_string(text: str | bytes) -> bytes:
     raw = text.encode() if isinstance(text, str) else text
     return zigzag(len(raw)) + raw
-
-
-def uploaded(**changes: Any) -> ListingImageUploaded:
-    fields: dict[str, Any] = {
-        "event_id": uuid.UUID("0b7f5d2c-4a57-4c1e-9a43-2f7f1d1d9e01"),
-        "listing_id": "listing-42",
-        "image_id": "image-7",
-        "image_url": "https://images.example.com/42/7.jpg",
-        "uploaded_at": datetime(2024, 5, 17, 9, 30, 15, 123000, tzinfo=UTC),
-        "seller_id": "seller-9",
-        "country": "PT",
-    }
-    fields.update(changes)
-    return ListingImageUploaded(**fields)
-
-
-def suggestion(**changes: Any) -> CategorySuggestion:
-    fields: dict[str, Any] = {
-        "event_id": uuid.UUID("5d0c1c3e-8f0a-4b55-8d8e-1f6e0b1a2c3d"),
-        "source_event_id": uuid.UUID("0b7f5d2c-4a57-4c1e-9a43-2f7f1d1d9e01"),
-        "listing_id": "listing-42",
-        "image_id": "image-7",
-        "category": "furniture",
-        "score": 0.91,
-        "scores": [
-            {"category": "furniture", "score": 0.91},
-            {"category": "books", "score": 0.05},
-            {"category": "car", "score": 0.02},
-            {"category": "mobile", "score": 0.015},
-            {"category": "motorcycle", "score": 0.005},
-        ],
-        "confident": True,
-        "confidence_threshold": 0.5,
-        "model_name": "category_classifier",
-        "model_version": "3",
-        "timings": {"fetch_ms": 12.5, "preprocess_ms": 3.25, "inference_ms": 8.0, "total_ms": 40.0},
-        "produced_at": datetime(2024, 5, 17, 9, 30, 15, 163000, tzinfo=UTC),
-    }
-    fields.update(changes)
-    return CategorySuggestion(**fields)
 
 
 def body_of(event: ListingImageUploaded) -> bytes:
@@ -150,186 +100,13 @@ def expect_decode_error(reason: str, call: Callable[[], object]) -> EventDecodeE
     return info.value
 
 
-# ---------------------------------------------------------------------- fingerprint
-
-
-@pytest.mark.parametrize(
-    ("schema", "expected"),
-    [
-        # Test vectors published with the Avro specification (share/test/data/schema-tests.txt).
-        ('"null"', 7195948357588979594),
-        ('"boolean"', -6970731678124411036),
-        ('"int"', 8247732601305521295),
-        ('{"type":"fixed","name":"foo","size":15}', 1756455273707447556),
-        (
-            '{"type":"record","name":"foo","fields":[{"name":"f1","type":"boolean"}]}',
-            7843277075252814651,
-        ),
-    ],
-)
-def test_fingerprint_matches_avro_test_vectors(schema: str, expected: int) -> None:
-    assert events.schema_fingerprint(schema) == expected.to_bytes(8, "little", signed=True)
-    parsed = json.loads(schema)
-    if isinstance(parsed, dict):
-        assert events.schema_fingerprint(parsed) == expected.to_bytes(8, "little", signed=True)
-
-
-@pytest.mark.parametrize("name", [events.UPLOADED_SCHEMA, events.SUGGESTION_SCHEMA])
-def test_fingerprint_of_our_schemas_matches_the_spec_algorithm(name: str) -> None:
-    schema = events.load_schema(name)
-    canonical = fastavro.schema.to_parsing_canonical_form(schema)
-    assert events.schema_fingerprint(schema) == rabin64(canonical.encode()).to_bytes(8, "little")
-
-
-# -------------------------------------------------------------------------- schemas
-
-
-def test_load_schema_reads_the_packaged_files() -> None:
-    for name in (events.UPLOADED_SCHEMA, events.SUGGESTION_SCHEMA, events.DLQ_HEADERS_SCHEMA):
-        on_disk = json.loads((SCHEMAS / f"{name}.avsc").read_text())
-        assert events.load_schema(name) == on_disk
-        assert on_disk["namespace"] == events.NAMESPACE
-    assert events.load_schema_history(events.UPLOADED_SCHEMA).keys() >= {1}
-    assert events.load_schema_history("no_such_schema") == {}
-
-
-@pytest.mark.parametrize("name", ["../settings", "Listing", "", "a/b"])
-def test_load_schema_refuses_odd_names(name: str) -> None:
-    with pytest.raises(ValueError, match="not a schema name"):
-        events.load_schema(name)
-
-
-def _all_fields(schema: Any) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    if isinstance(schema, dict):
-        for field in schema.get("fields", []):
-            found.append(field)
-            found.extend(_all_fields(field["type"]))
-        found.extend(_all_fields(schema.get("items")))
-    elif isinstance(schema, list):
-        for branch in schema:
-            found.extend(_all_fields(branch))
-    return found
-
-
-@pytest.mark.parametrize(
-    ("name", "model"),
-    [
-        (events.UPLOADED_SCHEMA, ListingImageUploaded),
-        (events.SUGGESTION_SCHEMA, CategorySuggestion),
-        (events.DLQ_HEADERS_SCHEMA, DlqInfo),
-    ],
-)
-def test_models_mirror_the_schemas(name: str, model: type[Any]) -> None:
-    schema = events.load_schema(name)
-    assert schema["doc"]
-    assert [f["name"] for f in schema["fields"]] == list(model.model_fields)
-    for field in _all_fields(schema):
-        assert field.get("doc"), f"{name}.{field['name']} has no doc"
-        optional = isinstance(field["type"], list) and "null" in field["type"]
-        if optional:
-            assert "default" in field
-            assert not model.model_fields[field["name"]].is_required()
-
-
-def test_dlq_header_constants_match_the_schema() -> None:
-    schema = events.load_schema(events.DLQ_HEADERS_SCHEMA)
-    headers = [(f["name"], f["header"]) for f in schema["fields"]]
-    info = DlqInfo.for_error(
-        FetchRefusedError("x"),
-        topic="t",
-        partition=0,
-        offset=0,
-        attempts=1,
-        service_version="0",
-    )
-    assert [name for name, _ in events.dlq_headers(info)] == [h for _, h in headers]
-    assert all(h.startswith(events.DLQ_HEADER_PREFIX) for _, h in headers)
-
-
-# --------------------------------------------------------------------------- models
-
-
-def test_timestamps_become_utc_milliseconds() -> None:
-    plus_two = timezone(timedelta(hours=2))
-    event = uploaded(uploaded_at=datetime(2024, 5, 17, 11, 30, 15, 123999, tzinfo=plus_two))
-    assert event.uploaded_at == datetime(2024, 5, 17, 9, 30, 15, 123000, tzinfo=UTC)
-    assert event.uploaded_at.tzinfo is UTC
-
-
-def test_naive_timestamps_are_refused() -> None:
-    with pytest.raises(ValidationError):
-        uploaded(uploaded_at=datetime(2024, 5, 17, 9, 30))
-
-
-def test_models_are_frozen_and_closed() -> None:
-    event = uploaded()
-    with pytest.raises(ValidationError):
-        event.listing_id = "other"  # type: ignore[misc]
-    with pytest.raises(ValidationError):
-        uploaded(unexpected="x")
-    with pytest.raises(ValidationError):
-        uploaded(event_id="not-a-uuid")
-
-
-def test_image_url_is_any_string_here() -> None:
-    assert uploaded(image_url="gopher://whatever").image_url == "gopher://whatever"
-
-
-@pytest.mark.parametrize(
-    "changes",
-    [
-        {"category": "books"},
-        {"score": 0.5},
-        {"scores": [{"category": "furniture", "score": 0.91}, {"category": "b", "score": 0.95}]},
-        {
-            "scores": [
-                {"category": "furniture", "score": 0.91},
-                {"category": "furniture", "score": 0},
-            ]
-        },
-        {"scores": []},
-        {"confident": False},
-        {"confidence_threshold": 0.95},
-        {"score": 1.5, "scores": [{"category": "furniture", "score": 1.5}]},
-        {"score": float("nan"), "scores": [{"category": "furniture", "score": float("nan")}]},
-        {"timings": {"fetch_ms": -1, "preprocess_ms": 0, "inference_ms": 0, "total_ms": 0}},
-        {
-            "timings": {
-                "fetch_ms": 1,
-                "preprocess_ms": 0,
-                "inference_ms": float("inf"),
-                "total_ms": 0,
-            }
-        },
-    ],
-)
-def test_suggestion_contract_is_enforced(changes: dict[str, Any]) -> None:
-    with pytest.raises(ValidationError):
-        suggestion(**changes)
-
-
-def test_suggestion_below_threshold_is_valid_and_not_confident() -> None:
-    low = suggestion(
-        score=0.4,
-        scores=[{"category": "furniture", "score": 0.4}, {"category": "books", "score": 0.4}],
-        confident=False,
-    )
-    assert not low.confident
-    assert suggestion(
-        timings=StageTimings(fetch_ms=0, preprocess_ms=0, inference_ms=0, total_ms=-3)
-    )
-
-
 # ----------------------------------------------------------------- single-object path
 
 
 def test_single_object_round_trip(codec: EventCodec) -> None:
     event = uploaded()
     data = codec.encode_uploaded(event)
-    header = events.SINGLE_OBJECT_MARKER + events.schema_fingerprint(
-        events.load_schema(events.UPLOADED_SCHEMA)
-    )
+    header = SINGLE_OBJECT_MARKER + schema_fingerprint(load_schema(UPLOADED_SCHEMA))
     assert data == header + body_of(event)
     assert codec.decode_uploaded(data) == event
     assert not codec.uses_registry
@@ -451,7 +228,7 @@ def test_registry_reads_an_older_writer_schema(
     registry: SchemaRegistryClient, registry_codec: EventCodec
 ) -> None:
     """A producer on a version without the optional fields: they decode to their defaults."""
-    older = events.load_schema(events.UPLOADED_SCHEMA)
+    older = load_schema(UPLOADED_SCHEMA)
     older["fields"] = [f for f in older["fields"] if f["name"] not in ("seller_id", "country")]
     serializer = AvroSerializer(
         registry, json.dumps(older), conf={"subject.name.strategy.type": "TOPIC"}
@@ -526,9 +303,7 @@ def test_auto_register_off_needs_a_registered_schema(registry: SchemaRegistryCli
 
 # ------------------------------------------------------------------------ hostile bytes
 
-HEADER = events.SINGLE_OBJECT_MARKER + events.schema_fingerprint(
-    events.load_schema(events.UPLOADED_SCHEMA)
-)
+HEADER = SINGLE_OBJECT_MARKER + schema_fingerprint(load_schema(UPLOADED_SCHEMA))
 UUID_TEXT = "0b7f5d2c-4a57-4c1e-9a43-2f7f1d1d9e01"
 PREFIX = HEADER + avro_string(UUID_TEXT)  # event_id, then listing_id comes next
 
@@ -595,7 +370,7 @@ def test_random_registry_bodies_only_ever_raise_event_decode_error(
             registry_codec.decode_uploaded(bytes(mutable))
         except EventDecodeError as error:
             reasons.add(error.reason)
-    assert reasons <= set(events.DECODE_REASONS)
+    assert reasons <= set(DECODE_REASONS)
 
 
 def test_trailing_bytes_are_refused(codec: EventCodec) -> None:
@@ -607,8 +382,8 @@ def test_huge_length_prefixes_allocate_nothing_large(codec: EventCodec) -> None:
     hostile = [
         PREFIX + zigzag(2**62) + b"x" * 100,
         PREFIX + zigzag(2**31) + b"x" * 100,
-        events.SINGLE_OBJECT_MARKER
-        + events.schema_fingerprint(events.load_schema(events.SUGGESTION_SCHEMA))
+        SINGLE_OBJECT_MARKER
+        + schema_fingerprint(load_schema(SUGGESTION_SCHEMA))
         + b"".join(avro_string(UUID_TEXT) for _ in range(2))
         + avro_string("l") * 3
         + b"\x00" * 8
@@ -638,11 +413,11 @@ def test_values_over_the_size_cap_are_refused_unread() -> None:
 
 
 def test_decoded_suggestion_must_keep_the_contract(codec: EventCodec) -> None:
-    schema = fastavro.parse_schema(events.load_schema(events.SUGGESTION_SCHEMA))
+    schema = fastavro.parse_schema(load_schema(SUGGESTION_SCHEMA))
     record = suggestion().model_dump()
     record["scores"] = list(reversed(record["scores"]))  # no longer sorted
     buffer = io.BytesIO()
-    buffer.write(b"\xc3\x01" + events.schema_fingerprint(events.load_schema("category_suggestion")))
+    buffer.write(b"\xc3\x01" + schema_fingerprint(load_schema("category_suggestion")))
     fastavro.schemaless_writer(buffer, schema, record)
     expect_decode_error("schema_invalid", lambda: codec.decode_suggestion(buffer.getvalue()))
 
@@ -664,84 +439,8 @@ def test_random_bodies_only_ever_raise_event_decode_error(codec: EventCodec) -> 
             codec.decode_uploaded(data)
         except EventDecodeError as error:
             reasons.add(error.reason)
-    assert reasons <= set(events.DECODE_REASONS)
+    assert reasons <= set(DECODE_REASONS)
     assert len(reasons) >= 3
-
-
-# -------------------------------------------------------------------------- DLQ headers
-
-
-def test_dlq_headers_round_trip() -> None:
-    failed_at = datetime(2024, 5, 17, 9, 31, 0, 250000, tzinfo=UTC)
-    info = DlqInfo.for_error(
-        FetchRefusedError("host 10.0.0.1 is private", reason="address_refused"),
-        topic=INPUT_TOPIC,
-        partition=3,
-        offset=123456789012,
-        attempts=2,
-        service_version="0.1.0",
-        failed_at=failed_at,
-    )
-    headers = events.dlq_headers(info)
-    assert dict(headers) == {
-        "dlq.error.class": b"FetchRefusedError",
-        "dlq.stage": b"fetch",
-        "dlq.reason": b"address_refused",
-        "dlq.message": b"host 10.0.0.1 is private",
-        "dlq.original.topic": INPUT_TOPIC.encode(),
-        "dlq.original.partition": b"3",
-        "dlq.original.offset": b"123456789012",
-        "dlq.attempts": b"2",
-        "dlq.failed.at": b"1715938260250",
-        "dlq.service.version": b"0.1.0",
-    }
-    others = [("traceparent", b"00-abc"), ("dlq.reason", b"older_failure")]
-    assert events.parse_dlq_headers(others + headers) == info
-    assert events.parse_dlq_headers(dict(headers)) == info
-    assert events.without_dlq_headers(others + headers) == [("traceparent", b"00-abc")]
-
-
-def test_dlq_for_any_exception_and_long_messages() -> None:
-    info = DlqInfo.for_error(
-        KeyError("é" * 2000),
-        topic="t",
-        partition=0,
-        offset=0,
-        attempts=1,
-        service_version="v",
-    )
-    assert (info.error_class, info.stage, info.reason) == ("KeyError", "unknown", "error")
-    assert len(info.message.encode()) <= events.DLQ_MESSAGE_MAX_BYTES
-    assert info.message.encode().decode() == info.message  # cut on a character boundary
-    assert info.failed_at.tzinfo is UTC
-
-
-@pytest.mark.parametrize(
-    "broken",
-    [
-        {"dlq.attempts": None},
-        {"dlq.attempts": b"two"},
-        {"dlq.attempts": b"0"},
-        {"dlq.original.offset": b"1_000"},
-        {"dlq.failed.at": b"9" * 30},
-        {"dlq.stage": b"\xff"},
-    ],
-)
-def test_broken_dlq_headers_raise_event_decode_error(broken: dict[str, bytes | None]) -> None:
-    info = DlqInfo.for_error(
-        FetchRefusedError("x"), topic="t", partition=0, offset=1, attempts=1, service_version="v"
-    )
-    headers = dict(events.dlq_headers(info))
-    for name, value in broken.items():
-        if value is None:
-            del headers[name]
-        else:
-            headers[name] = value
-    with pytest.raises(EventDecodeError) as caught:
-        events.parse_dlq_headers(list(headers.items()))
-    assert caught.value.reason == events.REASON_DLQ_HEADERS_INVALID
-    with pytest.raises(EventDecodeError):
-        events.parse_dlq_headers(None)
 
 
 @pytest.mark.parametrize("which", ["codec", "registry_codec"])
@@ -751,6 +450,35 @@ def test_a_suggestion_record_encodes_to_the_same_bytes_as_its_model(
     # The service's hot path writes plain records; they must be the model's bytes exactly.
     codec: EventCodec = request.getfixturevalue(which)
     model = suggestion()
-    record = cast(events.SuggestionRecord, model.model_dump())
+    record = cast(SuggestionRecord, model.model_dump())
     assert codec.encode_suggestion_record(record) == codec.encode_suggestion(model)
     assert codec.decode_suggestion(codec.encode_suggestion_record(record)) == model
+
+
+def test_codec_from_settings_frames_with_the_registry_only_when_one_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plain = codec_from_settings(Settings())
+    assert not plain.uses_registry
+    assert plain.encode_suggestion(suggestion())[:2] == SINGLE_OBJECT_MARKER
+
+    made: list[tuple[dict[str, str], SchemaRegistryClient]] = []
+    in_memory = SchemaRegistryClient.new_client
+
+    def new_client(conf: dict[str, str]) -> SchemaRegistryClient:
+        client = in_memory({"url": "mock://settings"})
+        made.append((conf, client))
+        return client
+
+    monkeypatch.setattr(SchemaRegistryClient, "new_client", staticmethod(new_client))
+    settings = Settings(
+        kafka={"input_topic": "uploads", "output_topic": "answers"},
+        registry={"url": "https://registry.example:8081", "basic_auth_user_info": "user:secret"},
+    )
+    codec = codec_from_settings(settings)
+    codec.prepare()
+
+    ((conf, client),) = made
+    assert conf == {"url": "https://registry.example:8081", "basic.auth.user.info": "user:secret"}
+    assert client.get_subjects() == ["answers-value"]  # subject of the output topic
+    assert codec.encode_suggestion(suggestion())[:1] == b"\x00"
