@@ -64,12 +64,14 @@ def message(
 def make_pipeline(
     settings: Settings,
     delivery: Callable[[Metrics, asyncio.Event], D],
+    source: FakeSource,
     *,
     fetcher: GatedFetcher | None = None,
     batcher: FakeBatcher | None = None,
     on_fatal: Callable[[SuggesterError], None] = lambda exc: None,
 ) -> tuple[Pipeline, D, Metrics]:
-    """A pipeline with the fakes below; `delivery(metrics, stop)` builds its delivery."""
+    """A pipeline with the fakes below, handing its events back to `source`;
+    `delivery(metrics, stop)` builds its delivery."""
     metrics = Metrics(CollectorRegistry())
     stop = asyncio.Event()
     bound = delivery(metrics, stop)
@@ -85,6 +87,7 @@ def make_pipeline(
         stop=stop,
         on_fatal=on_fatal,
     )
+    pipeline.source = source  # type: ignore[assignment]
     return pipeline, bound, metrics
 
 

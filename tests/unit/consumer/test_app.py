@@ -62,14 +62,14 @@ def make_pipeline(
 ) -> tuple[Pipeline, FakePublisher, FakeSource, Metrics]:
     settings = pipeline_settings(consumer=consumer or ConsumerSettings())
     publisher = publisher or FakePublisher()
+    source = FakeSource()
     pipeline, _delivery, metrics = support.make_pipeline(
         settings,
         lambda metrics, stop: AtLeastOnce(settings, metrics, publisher, stop=stop),  # type: ignore[arg-type]
+        source,
         fetcher=fetcher,
         batcher=batcher,
     )
-    source = FakeSource()
-    pipeline.source = source  # type: ignore[assignment]
     return pipeline, publisher, source, metrics
 
 

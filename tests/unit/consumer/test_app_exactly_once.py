@@ -114,6 +114,7 @@ def make_pipeline(
         consumer=consumer or ConsumerSettings(transaction_interval_s=0.001),
     )
     fatal: list[SuggesterError] = []
+    source = RewindingSource()
     pipeline, delivery, _metrics = support.make_pipeline(
         settings,
         lambda metrics, stop: ExactlyOnce(
@@ -123,11 +124,11 @@ def make_pipeline(
             stop=stop,
             on_fatal=fatal.append,
         ),
+        source,
         fetcher=fetcher,
         on_fatal=fatal.append,
     )
-    source = RewindingSource(pipeline=pipeline)
-    pipeline.source = source  # type: ignore[assignment]
+    source.pipeline = pipeline
     return pipeline, delivery, source, fatal
 
 
