@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ from prometheus_client import CollectorRegistry
 from consumer import __version__
 from consumer.batch import Batcher
 from consumer.consume import KafkaSource, Partition
-from consumer.delivery import Delivery, wait_or_stop
+from consumer.delivery import Delivery
 from consumer.delivery.at_least_once import AtLeastOnce
 from consumer.delivery.exactly_once import ExactlyOnce
 from consumer.errors import (
@@ -62,6 +61,7 @@ from consumer.offsets import OffsetTracker
 from consumer.postprocess import postprocess, suggestion_record
 from consumer.preprocess import Decoder
 from consumer.publish import OutputRecord, Publisher, TransactionalPublisher
+from consumer.retry import Backoff
 from consumer.settings import DeliveryMode, Settings
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,10 @@ class Pipeline:
         self._fetch_slots = asyncio.Semaphore(settings.fetch.concurrency)
         self._image_slots = asyncio.Semaphore(settings.decode.queue_size)
         self._threshold = confidence_threshold(settings, model)
+        # An event whose dependency is down is tried again with this backoff.
+        self._backoff = Backoff(
+            settings.triton.retry_backoff_base_s, settings.triton.retry_backoff_max_s
+        )
         # Metric children bound once: labels() costs a locked dict lookup per call.
         self._fetch_latency = metrics.stage_latency.labels(stage="fetch")
         self._decode_latency = metrics.stage_latency.labels(stage="decode")
@@ -244,7 +248,7 @@ class Pipeline:
 
     async def _process(self, tp: Partition, offset: int, message: Message, epoch: int) -> bool:
         """Answer one event; False when it is left for redelivery (`_settle` books it)."""
-        delay = self._settings.triton.retry_backoff_base_s
+        retries = self._backoff.retries()
         while True:
             try:
                 await self._answer(message, epoch)
@@ -264,8 +268,7 @@ class Pipeline:
                     )
                     return False
                 self._metrics.retries.labels(stage=exc.stage).inc()
-                await wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+                await retries.wait(self._stop)
 
     def _settle(self, tp: Partition, offset: int, epoch: int, task: asyncio.Task[bool]) -> None:
         """Book a finished `_process` task: offsets, and the in-flight window.

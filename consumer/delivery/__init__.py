@@ -17,8 +17,6 @@ committable offsets, the partitions' epochs, and the Kafka source.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
@@ -26,7 +24,7 @@ from typing import Protocol
 from consumer.consume import KafkaSource, Partition
 from consumer.publish import OutputRecord
 
-__all__ = ["Delivery", "Host", "wait_or_stop"]
+__all__ = ["Delivery", "Host"]
 
 
 class Host(Protocol):
@@ -122,10 +120,3 @@ class Delivery(Protocol):
     async def close(self) -> None:
         """Close the producer."""
         ...
-
-
-async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    """Wait `seconds`, or less if `stop` is set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await stop.wait()

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Sequence
 from datetime import datetime
 
 from consumer.consume import Partition
-from consumer.delivery import Host, wait_or_stop
+from consumer.delivery import Host
 from consumer.errors import PublishError
 from consumer.metrics import Metrics
 from consumer.publish import OutputRecord, Publisher
+from consumer.retry import Backoff
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class AtLeastOnce:
         self._host: Host | None = None
         self._publish_latency = metrics.stage_latency.labels(stage="publish")
         self._publish_retries = metrics.retries.labels(stage="publish")
+        self._backoff = Backoff(
+            settings.kafka.retry_backoff_base_s, settings.kafka.retry_backoff_max_s
+        )
 
     def bind(self, host: Host) -> None:
         self._host = host
@@ -106,7 +109,7 @@ class AtLeastOnce:
     async def _publish(self, record: OutputRecord) -> None:
         """Publish until acknowledged; a broker fault is retried, never dead-lettered."""
         topic = record.topic
-        delay = self._settings.triton.retry_backoff_base_s
+        retries = self._backoff.retries()
         while True:
             try:
                 await self._publisher.publish(topic, record.key, record.value, record.headers)
@@ -120,5 +123,4 @@ class AtLeastOnce:
                 log.warning(
                     "publish failed; retrying", extra={"topic": topic, "error": exc.message}
                 )
-                await wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+                await retries.wait(self._stop)

@@ -73,7 +73,13 @@ def make_pipeline(
     consumer: ConsumerSettings | None = None,
 ) -> tuple[Pipeline, FakePublisher, FakeSource, Metrics]:
     settings = Settings(
-        kafka={"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"},
+        kafka={
+            "input_topic": TOPIC,
+            "output_topic": "out",
+            "dlq_topic": "dlq",
+            "retry_backoff_base_s": 0.001,
+            "retry_backoff_max_s": 0.002,
+        },
         triton={"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
         consumer=consumer or ConsumerSettings(),
     )

@@ -123,7 +123,13 @@ def make_pipeline(
 ) -> tuple[Pipeline, ExactlyOnce, FakeSource, list[SuggesterError]]:
     settings = Settings(
         delivery="exactly_once",
-        kafka={"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"},
+        kafka={
+            "input_topic": TOPIC,
+            "output_topic": "out",
+            "dlq_topic": "dlq",
+            "retry_backoff_base_s": 0.001,
+            "retry_backoff_max_s": 0.002,
+        },
         triton={"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
         consumer=consumer or ConsumerSettings(transaction_interval_s=0.001),
     )
