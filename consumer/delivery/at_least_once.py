@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 
-from consumer.consume import Partition
+from consumer.consume import Partition, Source
 from consumer.delivery import Host
 from consumer.errors import PublishError
 from consumer.metrics import Metrics
@@ -30,12 +30,20 @@ class AtLeastOnce:
     """Delivery through an idempotent `Publisher`; see the module docstring."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, publisher: Publisher, *, stop: asyncio.Event
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        publisher: Publisher,
+        *,
+        source: Source,
+        stop: asyncio.Event,
     ) -> None:
-        """`stop` is set when the shutdown grace period is over: retries give up then."""
+        """`source` stores the offsets; `stop` is set when the shutdown grace period is
+        over: retries give up then."""
         self._settings = settings
         self._metrics = metrics
         self._publisher = publisher
+        self._source = source
         self._stop = stop
         self._host: Host | None = None
         self._publish_latency = metrics.stage_latency.labels(stage="publish")
@@ -70,10 +78,8 @@ class AtLeastOnce:
             self._metrics.end_to_end_latency.observe(latency)
 
     def answered(self, tp: Partition, committable: int | None) -> bool:
-        assert self._host is not None
-        source = self._host.source
-        if committable is not None and source is not None:
-            source.store({tp: committable})
+        if committable is not None:
+            self._source.store({tp: committable})
         return False
 
     async def revoked(

@@ -34,7 +34,7 @@ from datetime import datetime
 
 from confluent_kafka import KafkaException
 
-from consumer.consume import Partition
+from consumer.consume import Partition, Source
 from consumer.delivery import Host
 from consumer.errors import ProducerFailedError, PublishError, PublishFatalError, SuggesterError
 from consumer.metrics import Metrics
@@ -64,14 +64,17 @@ class ExactlyOnce:
         metrics: Metrics,
         transactions: TransactionalPublisher,
         *,
+        source: Source,
         stop: asyncio.Event,
         on_fatal: Callable[[SuggesterError], None],
     ) -> None:
-        """`transactions` already started (its transactional.id registered); `stop` is
-        set when the shutdown grace period is over; `on_fatal` stops the service."""
+        """`transactions` already started (its transactional.id registered); `source`
+        gives the group metadata and rewinds; `stop` is set when the shutdown grace
+        period is over; `on_fatal` stops the service."""
         self._settings = settings
         self._metrics = metrics
         self._transactions = transactions
+        self._source = source
         self._stop = stop
         self._on_fatal = on_fatal
         self._host: Host | None = None
@@ -203,8 +206,7 @@ class ExactlyOnce:
                 records, offsets, taken = self._ready_answers(partitions)
                 if not records:
                     return True
-                source = self._host.source
-                metadata = source.group_metadata() if source is not None else None
+                metadata = self._source.group_metadata()
                 if metadata is None:
                     return False
                 try:
@@ -259,13 +261,10 @@ class ExactlyOnce:
 
     async def _rewind(self) -> None:
         """Seek every partition to its committed offset, then take messages again."""
-        assert self._host is not None
-        source = self._host.source
-        assert source is not None
         retries = self._backoff.retries()
         while not self._stop.is_set():
             try:
-                await source.rewind(then=self._rewound)
+                await self._source.rewind(then=self._rewound)
             except KafkaException as exc:
                 log.warning("rewind failed; retrying", extra={"error": str(exc)})
                 await retries.wait(self._stop)

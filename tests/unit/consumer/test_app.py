@@ -85,6 +85,7 @@ def make_pipeline(
     )
     metrics = Metrics(CollectorRegistry())
     publisher = publisher or FakePublisher()
+    source = FakeSource()
     stop = asyncio.Event()
     pipeline = Pipeline(
         settings,
@@ -93,13 +94,18 @@ def make_pipeline(
         fetcher=fetcher or GatedFetcher(),  # type: ignore[arg-type]
         decoder=FakeDecoder(),  # type: ignore[arg-type]
         batcher=batcher or FakeBatcher(),  # type: ignore[arg-type]
-        delivery=AtLeastOnce(settings, metrics, publisher, stop=stop),  # type: ignore[arg-type]
+        delivery=AtLeastOnce(
+            settings,
+            metrics,
+            publisher,  # type: ignore[arg-type]
+            source=source,  # type: ignore[arg-type]
+            stop=stop,
+        ),
+        source=source,  # type: ignore[arg-type]
         model=MODEL,
         stop=stop,
         on_fatal=lambda exc: None,
     )
-    source = FakeSource()
-    pipeline.source = source  # type: ignore[assignment]
     return pipeline, publisher, source, metrics
 
 

@@ -136,10 +136,12 @@ def make_pipeline(
     fatal: list[SuggesterError] = []
     metrics = Metrics(CollectorRegistry())
     stop = asyncio.Event()
+    source = FakeSource()
     delivery = ExactlyOnce(
         settings,
         metrics,
         transactions,  # type: ignore[arg-type]
+        source=source,
         stop=stop,
         on_fatal=fatal.append,
     )
@@ -151,12 +153,12 @@ def make_pipeline(
         decoder=FakeDecoder(),  # type: ignore[arg-type]
         batcher=FakeBatcher(),  # type: ignore[arg-type]
         delivery=delivery,
+        source=source,
         model=MODEL,
         stop=stop,
         on_fatal=fatal.append,
     )
-    source = FakeSource(pipeline=pipeline)
-    pipeline.source = source  # type: ignore[assignment]
+    source.pipeline = pipeline
     return pipeline, delivery, source, fatal
 
 
