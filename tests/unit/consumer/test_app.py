@@ -72,15 +72,10 @@ def make_pipeline(
     publisher: FakePublisher | None = None,
     consumer: ConsumerSettings | None = None,
 ) -> tuple[Pipeline, FakePublisher, FakeSource, Metrics]:
+    fast = {"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002}
     settings = Settings(
-        kafka={
-            "input_topic": TOPIC,
-            "output_topic": "out",
-            "dlq_topic": "dlq",
-            "retry_backoff_base_s": 0.001,
-            "retry_backoff_max_s": 0.002,
-        },
-        triton={"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
+        kafka={"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"} | fast,
+        triton=fast,
         consumer=consumer or ConsumerSettings(),
     )
     metrics = Metrics(CollectorRegistry())

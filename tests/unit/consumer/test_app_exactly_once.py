@@ -121,16 +121,11 @@ def message(offset: int, url: str, partition: int = 0) -> Message:
 def make_pipeline(
     transactions: FakeTransactions, fetcher: GatedFetcher, consumer: ConsumerSettings | None = None
 ) -> tuple[Pipeline, ExactlyOnce, FakeSource, list[SuggesterError]]:
+    fast = {"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002}
     settings = Settings(
         delivery="exactly_once",
-        kafka={
-            "input_topic": TOPIC,
-            "output_topic": "out",
-            "dlq_topic": "dlq",
-            "retry_backoff_base_s": 0.001,
-            "retry_backoff_max_s": 0.002,
-        },
-        triton={"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
+        kafka={"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"} | fast,
+        triton=fast,
         consumer=consumer or ConsumerSettings(transaction_interval_s=0.001),
     )
     fatal: list[SuggesterError] = []
