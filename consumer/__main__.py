@@ -43,12 +43,12 @@ def _settings() -> Settings:
 
 
 async def _run_service(settings: Settings) -> None:
-    from consumer.app import Service
     from consumer.malloc import limit_arenas
+    from consumer.service import Service
 
     limit_arenas()  # before any thread of the service starts (consumer/malloc.py)
 
-    service = Service(settings)
+    service = Service.from_settings(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_shutdown)

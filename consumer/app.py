@@ -1,4 +1,4 @@
-"""The one place where the steps are wired together.
+"""The per-event pipeline: each consumed message through the steps to one answer.
 
     consume -> decode event -> fetch -> preprocess -> batch -> infer -> postprocess -> publish
                     └──────────── bad input ───────────────────────────────────────> DLQ
@@ -21,6 +21,8 @@ transaction commits); at that mark it waits for the window to fall
 to `consumer.resume_inflight`, and pauses every partition only when that takes longer
 than half a second, a stall such as Triton down (polling goes on, so the group does not
 evict us); see consume.py. Each step bounds its own concurrency as well.
+
+The steps themselves are built, started and closed by service.py, which hands them in.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -37,32 +38,28 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from confluent_kafka import Message
-from prometheus_client import CollectorRegistry
 
 from consumer import __version__
 from consumer.batch import Batcher
-from consumer.consume import KafkaSource, Partition
-from consumer.delivery import Delivery, wait_or_stop
-from consumer.delivery.at_least_once import AtLeastOnce
-from consumer.delivery.exactly_once import ExactlyOnce
+from consumer.consume import Partition, Source
+from consumer.delivery import Delivery
 from consumer.errors import (
     BadInputError,
     InfrastructureError,
-    KafkaRefusedError,
     RecordTooLargeError,
     SuggesterError,
 )
-from consumer.events.codec import EventCodec, codec_from_settings
+from consumer.events.codec import EventCodec
 from consumer.events.dlq import DlqInfo, dead_letter_record, without_value
 from consumer.fetch import ImageFetcher
-from consumer.health import HealthServer
-from consumer.infer import ModelInfo, TritonClassifier
+from consumer.infer import ModelInfo
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.postprocess import postprocess, suggestion_record
 from consumer.preprocess import Decoder
-from consumer.publish import OutputRecord, Publisher, TransactionalPublisher
-from consumer.settings import DeliveryMode, Settings
+from consumer.publish import OutputRecord
+from consumer.retry import Backoff
+from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +86,13 @@ class Pipeline:
         decoder: Decoder,
         batcher: Batcher,
         delivery: Delivery,
+        source: Source,
         model: ModelInfo,
         stop: asyncio.Event,
         on_fatal: Callable[[SuggesterError], None],
     ) -> None:
-        """`delivery`: the mode's (consumer/delivery); bound to this pipeline here."""
+        """`delivery`: the mode's (consumer/delivery); bound to this pipeline here.
+        `source`: what hands the messages over, told as they leave the in-flight window."""
         self._settings = settings
         self._on_fatal = on_fatal
         self._metrics = metrics
@@ -102,6 +101,7 @@ class Pipeline:
         self._decoder = decoder
         self._batcher = batcher
         self._delivery = delivery
+        self._source = source
         # Cleared at shutdown: messages handed over after it are not processed.
         self._intake = True
         self._model = model
@@ -110,6 +110,10 @@ class Pipeline:
         self._fetch_slots = asyncio.Semaphore(settings.fetch.concurrency)
         self._image_slots = asyncio.Semaphore(settings.decode.queue_size)
         self._threshold = confidence_threshold(settings, model)
+        # An event whose dependency is down is tried again with this backoff.
+        self._backoff = Backoff(
+            settings.triton.retry_backoff_base_s, settings.triton.retry_backoff_max_s
+        )
         # Metric children bound once: labels() costs a locked dict lookup per call.
         self._fetch_latency = metrics.stage_latency.labels(stage="fetch")
         self._decode_latency = metrics.stage_latency.labels(stage="decode")
@@ -125,7 +129,6 @@ class Pipeline:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.source: KafkaSource | None = None
         delivery.bind(self)
 
     # -- PartitionHandler ----------------------------------------------------------------
@@ -138,8 +141,7 @@ class Pipeline:
             # partition's next owner reads them; processing them instead could publish
             # answers after the final offsets were taken, duplicating them. Not taking
             # (exactly-once, rewinding): they are read again after the seek.
-            if self.source is not None:
-                self.source.release(len(messages))
+            self._source.release(len(messages))
             return
         for message in messages:
             tp = (message.topic() or "", message.partition() or 0)
@@ -235,8 +237,7 @@ class Pipeline:
         """`count` events left the in-flight window: tell the source, report idle as due."""
         self._inflight -= count
         self._metrics.inflight.set(self._inflight)
-        if self.source is not None:
-            self.source.release(count)
+        self._source.release(count)
         if self._inflight == 0:
             self._idle.set()
 
@@ -244,7 +245,7 @@ class Pipeline:
 
     async def _process(self, tp: Partition, offset: int, message: Message, epoch: int) -> bool:
         """Answer one event; False when it is left for redelivery (`_settle` books it)."""
-        delay = self._settings.triton.retry_backoff_base_s
+        retries = self._backoff.retries()
         while True:
             try:
                 await self._answer(message, epoch)
@@ -264,8 +265,7 @@ class Pipeline:
                     )
                     return False
                 self._metrics.retries.labels(stage=exc.stage).inc()
-                await wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+                await retries.wait(self._stop)
 
     def _settle(self, tp: Partition, offset: int, epoch: int, task: asyncio.Task[bool]) -> None:
         """Book a finished `_process` task: offsets, and the in-flight window.
@@ -399,127 +399,3 @@ def confidence_threshold(settings: Settings, model: ModelInfo) -> float:
     if model.confidence_threshold is not None:
         return model.confidence_threshold
     return postprocess_settings.confidence_threshold
-
-
-async def start_delivery(
-    settings: Settings,
-    metrics: Metrics,
-    *,
-    stop: asyncio.Event,
-    on_fatal: Callable[[SuggesterError], None],
-) -> Delivery:
-    """The delivery of `settings.delivery`, its producer started."""
-    if settings.delivery is DeliveryMode.EXACTLY_ONCE:
-        transactions = TransactionalPublisher(settings)
-        # Fences an older process with the same transactional.id, aborting its open
-        # transaction, before this one reads a single offset.
-        await transactions.start()
-        log.info("exactly-once delivery", extra={"transactional_id": transactions.transactional_id})
-        return ExactlyOnce(settings, metrics, transactions, stop=stop, on_fatal=on_fatal)
-    publisher = Publisher(settings)
-    publisher.start()
-    return AtLeastOnce(settings, metrics, publisher, stop=stop)
-
-
-class Service:
-    """The running service: builds every step from settings and owns their lifetimes."""
-
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
-        self.settings = settings
-        self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry)
-        self._shutdown = asyncio.Event()
-        self._give_up = asyncio.Event()
-        self.health: HealthServer | None = None
-        self._source: KafkaSource | None = None
-        self._classifier: TritonClassifier | None = None
-        # Set when a fault that retrying cannot mend stopped the service.
-        self.failure: SuggesterError | None = None
-
-    def request_shutdown(self) -> None:
-        self._shutdown.set()
-
-    def _fatal(self, error: SuggesterError) -> None:
-        self.failure = error
-        self._shutdown.set()
-
-    async def run(self) -> None:
-        settings = self.settings
-        metrics = self.metrics
-        classifier = TritonClassifier(settings.triton, metrics, stop=self._give_up)
-        self._classifier = classifier
-        self.health = HealthServer(
-            self.registry,
-            alive=self._alive,
-            ready=self._ready,
-            host=settings.observability.host,
-            port=settings.observability.port,
-        )
-        await self.health.start()
-        model = await classifier.connect()
-        metrics.build_info.info(
-            {"version": __version__, "model_name": model.name, "model_version": model.version}
-        )
-        log.info(
-            "model ready",
-            extra={"model": model.name, "version": model.version, "size": model.image_size},
-        )
-        codec = codec_from_settings(settings)
-        await asyncio.to_thread(codec.prepare)
-        delivery = await start_delivery(settings, metrics, stop=self._give_up, on_fatal=self._fatal)
-        async with contextlib.AsyncExitStack() as resources:
-            decoder = resources.enter_context(Decoder(settings.decode))
-            fetcher = await resources.enter_async_context(ImageFetcher(settings.fetch))
-            batcher = Batcher(classifier, model, settings.triton, metrics)
-            pipeline = Pipeline(
-                settings,
-                metrics,
-                codec=codec,
-                fetcher=fetcher,
-                decoder=decoder,
-                batcher=batcher,
-                delivery=delivery,
-                model=model,
-                stop=self._give_up,
-                on_fatal=self._fatal,
-            )
-            source = KafkaSource(
-                settings,
-                metrics,
-                pipeline,
-                on_refused=lambda why: self._fatal(KafkaRefusedError(why)),
-            )
-            pipeline.source = source
-            self._source = source
-            delivery.start()
-            source.start()
-            log.info("consuming", extra={"topic": settings.kafka.input_topic})
-            await self._shutdown.wait()
-
-            log.info("shutting down: draining in-flight events", extra={"count": pipeline.inflight})
-            pipeline.stop_intake()
-            source.stop_polling()
-            drained = await pipeline.wait_idle(settings.consumer.shutdown_grace_s)
-            if not drained:
-                log.warning(
-                    "grace period over; abandoning in-flight events",
-                    extra={"count": pipeline.inflight},
-                )
-            self._give_up.set()
-            final_offsets = pipeline.final_offsets()
-            await delivery.finish()
-            pipeline.abandon_all()
-            await delivery.close()
-            await source.close(final_offsets)
-            await batcher.aclose()
-        await classifier.aclose()
-        await self.health.close()
-        log.info("stopped")
-
-    def _alive(self) -> bool:
-        return self._source is None or self._source.alive
-
-    async def _ready(self) -> bool:
-        if self._classifier is None or self._source is None or not self._source.assigned:
-            return False
-        return await self._classifier.ready()

@@ -1,8 +1,9 @@
 """Step 1: consume `listing-image-uploaded` from Kafka.
 
-Takes: KafkaSettings and a `PartitionHandler` (the app) that receives messages and
-rebalance news on the event loop. Gives: batches of `confluent_kafka.Message` to the
-handler; applies the handler's requests to store offsets, drain and rewind.
+Takes: KafkaSettings; at `start`, a `PartitionHandler` (the pipeline) that receives
+messages and rebalance news on the event loop. Gives: batches of `confluent_kafka.Message`
+to the handler; applies the requests of the pipeline and its delivery (`Source`: release
+credit, store offsets, rewind) and keeps the group metadata for transactions.
 
 In-flight credit: the thread counts the messages it hands over, the handler `release`s
 them as they leave its window. At `consumer.max_inflight` outstanding the thread hands over
@@ -81,6 +82,26 @@ class PartitionHandler(Protocol):
     def on_lost(self, partitions: Sequence[Partition]) -> None: ...
 
 
+class Source(Protocol):
+    """What the pipeline and its delivery ask of the source, on the event loop."""
+
+    def release(self, count: int) -> None:
+        """`count` handed-over messages left the in-flight window."""
+        ...
+
+    def store(self, offsets: dict[Partition, int]) -> None:
+        """Store these next-offsets-to-read for the consumer to commit (at-least-once)."""
+        ...
+
+    def group_metadata(self) -> object | None:
+        """The consumer's group metadata, for a transaction's offsets (exactly-once)."""
+        ...
+
+    async def rewind(self, then: Callable[[], None]) -> None:
+        """Seek every assigned partition back to its committed offset (exactly-once)."""
+        ...
+
+
 @dataclass(frozen=True)
 class _Request:
     kind: str  # "drain" | "store" | "rewind" | "assigned"
@@ -145,7 +166,11 @@ def consumer_config(
 
 
 class KafkaSource:
-    """The input topic, polled on a thread of its own."""
+    """The input topic, polled on a thread of its own; a `Source` for the pipeline.
+
+    Built first (the librdkafka consumer is created, not subscribed), started with the
+    handler it feeds, closed once: `close` also releases a consumer never started.
+    """
 
     POLL_TIMEOUT_S = 0.1
     # Out of credit this long: pause the partitions (module docstring).
@@ -155,14 +180,14 @@ class KafkaSource:
         self,
         settings: Settings,
         metrics: Metrics,
-        handler: PartitionHandler,
         *,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._handler = handler
+        # Given to start(): the consumer calls back into it only once started.
+        self._handler: PartitionHandler
         self._on_refused = on_refused
         self._consumer = consumer_factory(consumer_config(settings, self._on_stats, self._on_error))
         self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
@@ -190,7 +215,9 @@ class KafkaSource:
 
     # -- called on the event loop -------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, handler: PartitionHandler) -> None:
+        """Subscribe and start polling; messages and rebalances go to `handler`."""
+        self._handler = handler
         self._loop = asyncio.get_running_loop()
         self._consumer.subscribe(
             [self._settings.kafka.input_topic],
@@ -235,13 +262,16 @@ class KafkaSource:
         self._submit(_Request("drain"))
 
     async def close(self, final_offsets: dict[Partition, int]) -> None:
-        """Commit `final_offsets` and leave the group. Returns once the thread is done."""
+        """Commit `final_offsets` and leave the group. Returns once the thread is done.
+        Never started: just closes the consumer."""
         self.store(final_offsets)
         self._closed.set()
         self._wake.set()
         if self._thread is not None:
             # Join off the loop: the thread may still call back into it during close.
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        else:
+            await asyncio.to_thread(self._consumer.close)
 
     def _submit(self, request: _Request) -> None:
         self._requests.put(request)

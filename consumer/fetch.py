@@ -53,6 +53,7 @@ from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError,
 
 from consumer.errors import BadInputError, FetchFailedError, FetchRefusedError
 from consumer.preprocess import ACCEPTED_FORMATS, sniff_format
+from consumer.retry import Backoff
 from consumer.settings import FetchSettings
 
 __all__ = [
@@ -466,7 +467,7 @@ class ImageFetcher:
         self._s3_client: S3Reader | None = None
         self._s3_lock = asyncio.Lock()
         self._sleep = sleep
-        self._jitter = jitter
+        self._backoff = Backoff(settings.backoff_base_s, settings.backoff_max_s, jitter=jitter)
         self._schemes = frozenset(s.lower() for s in settings.allowed_schemes) & _SUPPORTED_SCHEMES
         self._host_allowlist = tuple(_parse_host_entry(e)[0] for e in settings.host_allowlist)
         self._resolver = CheckedResolver(
@@ -644,11 +645,7 @@ class ImageFetcher:
             try:
                 return await self._attempt(target)
             except _RetryableError as failure:
-                cap = min(
-                    self._settings.backoff_max_s,
-                    self._settings.backoff_base_s * 2 ** (attempt - 1),
-                )
-                delay = self._jitter() * cap
+                delay = self._backoff.delay_s(attempt - 1)
                 if failure.retry_after is not None:
                     delay = min(failure.retry_after, self._settings.backoff_max_s)
                 if attempt >= self._settings.max_attempts or loop.time() + delay >= deadline:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,6 +39,7 @@ from tritonclient.utils import InferenceServerException
 
 from consumer.errors import InferenceUnavailableError, ModelContractError
 from consumer.metrics import Metrics
+from consumer.retry import Backoff, wait_or_stop
 from consumer.settings import TritonSettings
 
 LOGGER = logging.getLogger(__name__)
@@ -309,6 +309,11 @@ class TritonClassifier:
         self._stop = stop if stop is not None else asyncio.Event()
         self._info: ModelInfo | None = None
         self._failing = False
+        # Half jitter: the retries of many replicas (and batches) after a Triton restart
+        # spread out, and none comes back at once.
+        self._backoff = Backoff(
+            settings.retry_backoff_base_s, settings.retry_backoff_max_s, floor=0.5
+        )
 
     @property
     def info(self) -> ModelInfo:
@@ -342,14 +347,6 @@ class TritonClassifier:
             ("grpc.initial_reconnect_backoff_ms", min(1000, reconnect_max_ms)),
             ("grpc.max_reconnect_backoff_ms", reconnect_max_ms),
         ]
-
-    def _backoff_s(self, attempt: int) -> float:
-        ceiling = min(
-            self._settings.retry_backoff_max_s,
-            self._settings.retry_backoff_base_s * 2.0 ** min(attempt, 32),
-        )
-        # Jitter spreads the retries of many replicas (and batches) after a Triton restart.
-        return ceiling * (0.5 + 0.5 * random.random())  # noqa: S311  (jitter, not security)
 
     async def connect(self, deadline: float | None = None) -> ModelInfo:
         """Wait for Triton and the model, check the contract, read the labels.
@@ -401,7 +398,7 @@ class TritonClassifier:
                 )
             LOGGER.info("waiting for Triton", extra={"url": self._settings.url, "error": why})
             # Triton has no readiness notification; polling with backoff is the only way.
-            await asyncio.sleep(min(self._backoff_s(attempt), remaining))
+            await asyncio.sleep(min(self._backoff.delay_s(attempt), remaining))
             attempt += 1
 
     async def _check(self, client: TritonClient, call_timeout_s: float) -> ModelInfo:
@@ -507,12 +504,7 @@ class TritonClassifier:
                     f"Triton inference failed and the service is stopping: {failure}"
                 ) from failure
             self._retries.inc()
-            try:
-                async with asyncio.timeout(self._backoff_s(attempt)):
-                    await self._stop.wait()
-            except TimeoutError:
-                pass  # the backoff elapsed without a stop: try again
-            else:
+            if await wait_or_stop(self._stop, self._backoff.delay_s(attempt)):
                 raise InferenceUnavailableError(
                     f"Triton inference failed and the service is stopping: {failure}"
                 ) from failure

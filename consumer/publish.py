@@ -57,6 +57,7 @@ from consumer.errors import (
     PublishFatalError,
     RecordTooLargeError,
 )
+from consumer.retry import Backoff
 from consumer.settings import Settings
 from consumer.threads import NamedThread
 
@@ -378,11 +379,13 @@ def _settle_call(future: asyncio.Future[Any], result: Any, error: BaseException 
 
 # -- transactional calls, made on a lane's thread -----------------------------------------
 
-# Pause between two tries of a retriable transactional call, doubling up to the maximum.
-# librdkafka answers a resumed call at once while its operation is still under way
-# (`__TIMED_OUT` for a call whose time is up), so retrying without a pause spins a core.
+# Pause between two tries of a retriable transactional call, doubling up to the maximum,
+# without jitter (one call of one producer). librdkafka answers a resumed call at once
+# while its operation is still under way (`__TIMED_OUT` for a call whose time is up), so
+# retrying without a pause spins a core.
 RETRY_BACKOFF_S = 0.05
 RETRY_BACKOFF_MAX_S = 1.0
+_CALL_BACKOFF = Backoff(RETRY_BACKOFF_S, RETRY_BACKOFF_MAX_S, floor=1.0)
 
 
 class _Progress:
@@ -492,7 +495,7 @@ def _retrying(call: Callable[[], None], deadline: float, progress: _Progress, st
     """Run `call`, again after a pause while librdkafka says the same call may succeed
     (the arguments are the same each time), until `deadline`. Raises `_GivenUpError`
     instead of making a call once the producer is given up."""
-    delay = RETRY_BACKOFF_S
+    retries = _CALL_BACKOFF.retries()
     while True:
         _check(progress, step)
         try:
@@ -504,8 +507,7 @@ def _retrying(call: Callable[[], None], deadline: float, progress: _Progress, st
                 raise
             log.debug("transactional call retried", extra={"error": error.str()})
         # Woken early by a give-up: the next round raises instead of calling.
-        progress.cancelled.wait(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+        progress.cancelled.wait(min(retries.next_delay_s(), max(0.0, deadline - time.monotonic())))
 
 
 # A newer producer registered our transactional.id: two processes think they own it.

@@ -67,6 +67,10 @@ class KafkaSettings(_Section):
     # applies after compression), is sent without the original value (header
     # dlq.value.omitted gives its size) rather than stall the partition.
     max_record_bytes: int = Field(default=2 * 1024 * 1024, ge=1000)
+    # Backoff between tries of a publish, a transaction, a producer replacement and a
+    # rewind after a broker fault (consumer/retry.py).
+    retry_backoff_base_s: float = Field(default=0.2, gt=0)
+    retry_backoff_max_s: float = Field(default=5.0, gt=0)
     # Any other librdkafka property, applied last (e.g. {"fetch.min.bytes": "1"}).
     extra: dict[str, str] = Field(default_factory=dict)
 

@@ -12,28 +12,24 @@ two modes (settings.delivery):
 
 The pipeline calls the delivery on the event loop; the delivery calls back through the
 `Host` it is bound to (the pipeline): the in-flight window, the offset tracker's
-committable offsets, the partitions' epochs, and the Kafka source.
+committable offsets, the partitions' epochs. It is given the Kafka source it works with
+(consume.py's `Source`: offsets to store, the group metadata, the rewind) when built.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
-from consumer.consume import KafkaSource, Partition
+from consumer.consume import Partition
 from consumer.publish import OutputRecord
 
-__all__ = ["Delivery", "Host", "wait_or_stop"]
+__all__ = ["Delivery", "Host"]
 
 
 class Host(Protocol):
     """What a delivery needs of the pipeline it serves."""
-
-    @property
-    def source(self) -> KafkaSource | None: ...
 
     def is_current(self, tp: Partition, epoch: int) -> bool:
         """Whether work of `tp` from `epoch` still counts (not revoked, lost or rewound)."""
@@ -122,10 +118,3 @@ class Delivery(Protocol):
     async def close(self) -> None:
         """Close the producer."""
         ...
-
-
-async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    """Wait `seconds`, or less if `stop` is set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await stop.wait()

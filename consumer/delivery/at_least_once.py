@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Sequence
 from datetime import datetime
 
-from consumer.consume import Partition
-from consumer.delivery import Host, wait_or_stop
+from consumer.consume import Partition, Source
+from consumer.delivery import Host
 from consumer.errors import PublishError
 from consumer.metrics import Metrics
 from consumer.publish import OutputRecord, Publisher
+from consumer.retry import Backoff
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,27 @@ class AtLeastOnce:
     """Delivery through an idempotent `Publisher`; see the module docstring."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, publisher: Publisher, *, stop: asyncio.Event
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        publisher: Publisher,
+        *,
+        source: Source,
+        stop: asyncio.Event,
     ) -> None:
-        """`stop` is set when the shutdown grace period is over: retries give up then."""
+        """`source` stores the offsets; `stop` is set when the shutdown grace period is
+        over: retries give up then."""
         self._settings = settings
         self._metrics = metrics
         self._publisher = publisher
+        self._source = source
         self._stop = stop
         self._host: Host | None = None
         self._publish_latency = metrics.stage_latency.labels(stage="publish")
         self._publish_retries = metrics.retries.labels(stage="publish")
+        self._backoff = Backoff(
+            settings.kafka.retry_backoff_base_s, settings.kafka.retry_backoff_max_s
+        )
 
     def bind(self, host: Host) -> None:
         self._host = host
@@ -67,10 +78,8 @@ class AtLeastOnce:
             self._metrics.end_to_end_latency.observe(latency)
 
     def answered(self, tp: Partition, committable: int | None) -> bool:
-        assert self._host is not None
-        source = self._host.source
-        if committable is not None and source is not None:
-            source.store({tp: committable})
+        if committable is not None:
+            self._source.store({tp: committable})
         return False
 
     async def revoked(
@@ -106,7 +115,7 @@ class AtLeastOnce:
     async def _publish(self, record: OutputRecord) -> None:
         """Publish until acknowledged; a broker fault is retried, never dead-lettered."""
         topic = record.topic
-        delay = self._settings.triton.retry_backoff_base_s
+        retries = self._backoff.retries()
         while True:
             try:
                 await self._publisher.publish(topic, record.key, record.value, record.headers)
@@ -120,5 +129,4 @@ class AtLeastOnce:
                 log.warning(
                     "publish failed; retrying", extra={"topic": topic, "error": exc.message}
                 )
-                await wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+                await retries.wait(self._stop)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -35,11 +34,12 @@ from datetime import datetime
 
 from confluent_kafka import KafkaException
 
-from consumer.consume import Partition
-from consumer.delivery import Host, wait_or_stop
+from consumer.consume import Partition, Source
+from consumer.delivery import Host
 from consumer.errors import ProducerFailedError, PublishError, PublishFatalError, SuggesterError
 from consumer.metrics import Metrics
 from consumer.publish import OutputRecord, TransactionalPublisher
+from consumer.retry import Backoff, wait_or_stop
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,17 @@ class ExactlyOnce:
         metrics: Metrics,
         transactions: TransactionalPublisher,
         *,
+        source: Source,
         stop: asyncio.Event,
         on_fatal: Callable[[SuggesterError], None],
     ) -> None:
-        """`transactions` already started (its transactional.id registered); `stop` is
-        set when the shutdown grace period is over; `on_fatal` stops the service."""
+        """`transactions` already started (its transactional.id registered); `source`
+        gives the group metadata and rewinds; `stop` is set when the shutdown grace
+        period is over; `on_fatal` stops the service."""
         self._settings = settings
         self._metrics = metrics
         self._transactions = transactions
+        self._source = source
         self._stop = stop
         self._on_fatal = on_fatal
         self._host: Host | None = None
@@ -85,6 +88,9 @@ class ExactlyOnce:
         self._rewinding = False
         self._loop_task: asyncio.Task[None] | None = None
         self._publish_retries = metrics.retries.labels(stage="publish")
+        self._backoff = Backoff(
+            settings.kafka.retry_backoff_base_s, settings.kafka.retry_backoff_max_s
+        )
 
     def bind(self, host: Host) -> None:
         self._host = host
@@ -194,14 +200,13 @@ class ExactlyOnce:
         """
         assert self._host is not None
         loop = asyncio.get_running_loop()
-        delay = self._settings.triton.retry_backoff_base_s
+        retries = self._backoff.retries()
         async with self._commit_lock:
             while True:
                 records, offsets, taken = self._ready_answers(partitions)
                 if not records:
                     return True
-                source = self._host.source
-                metadata = source.group_metadata() if source is not None else None
+                metadata = self._source.group_metadata()
                 if metadata is None:
                     return False
                 try:
@@ -227,8 +232,7 @@ class ExactlyOnce:
                     out_of_time = give_up_at is not None and loop.time() >= give_up_at
                     if self._stop.is_set() or out_of_time:
                         return False
-                    await wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                    delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+                    await retries.wait(self._stop)
                     continue
                 self._committed(records, taken)
                 return True
@@ -241,7 +245,7 @@ class ExactlyOnce:
         assert self._host is not None
         self._rewinding = True
         self._host.abandon_all()
-        delay = self._settings.triton.retry_backoff_base_s
+        retries = self._backoff.retries()
         while not self._stop.is_set():
             try:
                 await self._transactions.reset()
@@ -252,23 +256,18 @@ class ExactlyOnce:
                 log.error("transactions stopped", extra={"error": exc.message})
                 self._on_fatal(exc)
                 return
-            await wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-            delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+            await retries.wait(self._stop)
         self._commit_wanted.set()  # the transaction loop runs the rewind
 
     async def _rewind(self) -> None:
         """Seek every partition to its committed offset, then take messages again."""
-        assert self._host is not None
-        source = self._host.source
-        assert source is not None
-        delay = self._settings.triton.retry_backoff_base_s
+        retries = self._backoff.retries()
         while not self._stop.is_set():
             try:
-                await source.rewind(then=self._rewound)
+                await self._source.rewind(then=self._rewound)
             except KafkaException as exc:
                 log.warning("rewind failed; retrying", extra={"error": str(exc)})
-                await wait_or_stop(self._stop, random.uniform(0, delay))  # noqa: S311
-                delay = min(delay * 2, self._settings.triton.retry_backoff_max_s)
+                await retries.wait(self._stop)
                 continue
             return
 

@@ -38,11 +38,12 @@ D = TypeVar("D", bound=Delivery)
 
 
 def pipeline_settings(**fields: Any) -> Settings:
-    """Settings on the topics in, out and dlq, retrying after a millisecond or two;
-    `fields` add to or replace the top-level ones."""
+    """Settings on the topics in, out and dlq, Kafka and Triton retried after a millisecond
+    or two; `fields` add to or replace the top-level ones."""
+    fast = {"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002}
     values: dict[str, Any] = {
-        "kafka": {"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"},
-        "triton": {"retry_backoff_base_s": 0.001, "retry_backoff_max_s": 0.002},
+        "kafka": {"input_topic": TOPIC, "output_topic": "out", "dlq_topic": "dlq"} | fast,
+        "triton": fast,
     }
     return Settings(**(values | fields))
 
@@ -83,11 +84,11 @@ def make_pipeline(
         decoder=FakeDecoder(),  # type: ignore[arg-type]
         batcher=batcher or FakeBatcher(),  # type: ignore[arg-type]
         delivery=bound,
+        source=source,  # type: ignore[arg-type]
         model=MODEL,
         stop=stop,
         on_fatal=on_fatal,
     )
-    pipeline.source = source  # type: ignore[assignment]
     return pipeline, bound, metrics
 
 

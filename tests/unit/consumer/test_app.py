@@ -65,7 +65,13 @@ def make_pipeline(
     source = FakeSource()
     pipeline, _delivery, metrics = support.make_pipeline(
         settings,
-        lambda metrics, stop: AtLeastOnce(settings, metrics, publisher, stop=stop),  # type: ignore[arg-type]
+        lambda metrics, stop: AtLeastOnce(
+            settings,
+            metrics,
+            publisher,  # type: ignore[arg-type]
+            source=source,  # type: ignore[arg-type]
+            stop=stop,
+        ),
         source,
         fetcher=fetcher,
         batcher=batcher,

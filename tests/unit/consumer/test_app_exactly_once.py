@@ -121,6 +121,7 @@ def make_pipeline(
             settings,
             metrics,
             transactions,  # type: ignore[arg-type]
+            source=source,  # type: ignore[arg-type]
             stop=stop,
             on_fatal=fatal.append,
         ),

@@ -166,11 +166,10 @@ def started_source(
     source = KafkaSource(
         Settings(consumer=consumer),
         Metrics(CollectorRegistry()),
-        handler,
         consumer_factory=lambda _conf: fake,  # type: ignore[arg-type,return-value]
     )
     source.PAUSE_AFTER_S = pause_after_s
-    source.start()
+    source.start(handler)
     return source
 
 

@@ -13,7 +13,7 @@ import pytest
 from tests.support.python import run_python
 
 # The service's wiring, its inference client and its HTTP client (fetch, health, the page).
-SERVICE_ONLY = ("consumer.app", "tritonclient", "aiohttp")
+SERVICE_ONLY = ("consumer.service", "consumer.app", "tritonclient", "aiohttp")
 
 _LIST_LOADED = """
 import importlib, json, sys
@@ -50,6 +50,7 @@ def test_a_command_loads_no_service_internals(module: str) -> None:
 
 
 def test_the_check_sees_what_the_service_loads() -> None:
-    loaded = loaded_service_modules("consumer.app")
-    roots = {"consumer.app" if name == "consumer.app" else name.split(".")[0] for name in loaded}
+    wiring = {"consumer.service", "consumer.app"}
+    loaded = loaded_service_modules("consumer.service")
+    roots = {name if name in wiring else name.split(".")[0] for name in loaded}
     assert roots == set(SERVICE_ONLY)
