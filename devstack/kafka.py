@@ -226,6 +226,8 @@ class KafkaBroker:
             if dedicated_controller
             else None
         )
+        # Where the controller's log stood when the broker was last killed.
+        self._fence_mark = 0
         self.data_dir = self._broker.data_dir
         self.config_file = self._broker.config_file
         self.log4j_file = self._broker.log4j_file
@@ -324,11 +326,7 @@ class KafkaBroker:
     def start(self, timeout_s: float = 120) -> None:
         """Start what is not running (controller, broker) and wait until the broker is ready."""
         deadline = time.monotonic() + timeout_s
-        launch = [
-            node
-            for node in (self._controller, self._broker)
-            if node is not None and not node.process.is_running()
-        ]
+        launch = [node for node in self._nodes() if not node.process.is_running()]
         if launch:
             java = require_tool("java")
             for node in launch:
@@ -339,8 +337,8 @@ class KafkaBroker:
             classpath = f"{self.lib_dir}/*"
             cluster_id = self._controller_node().cluster_id() or self._broker.cluster_id()
             cluster_id = cluster_id or _new_cluster_id()
-            for node in (self._controller, self._broker):
-                if node is not None and node.cluster_id() is None:
+            for node in self._nodes():
+                if node.cluster_id() is None:
                     node.format(java, classpath, cluster_id)
             for node in launch:
                 node.launch(java, classpath)
@@ -361,15 +359,53 @@ class KafkaBroker:
 
         A dedicated controller is left running, as a broker host's crash leaves it.
         """
+        self._fence_mark = self._controller_log_size()
         self._broker.process.kill()
+
+    def wait_fenced(self, timeout_s: float = 30) -> None:
+        """Return once the dedicated controller has fenced the broker killed by `kill()`.
+
+        The controller fences a broker whose heartbeats stopped `broker.session.timeout.ms`
+        (4 s) ago and only then takes leadership away from it. A broker restarted before
+        that replays the old metadata, in which it still leads every partition, and starts
+        its coordinators; their first work then meets the fence, and every partition has no
+        leader for a moment (GUARANTEES.md, "Broker crashes"). Raises `StackError` in the
+        combined shape, where no controller outlives the broker, and after `timeout_s`.
+        """
+        if self._controller is None:
+            raise StackError("the controller runs inside the broker: nothing fences it")
+        node_id = self.properties()["node.id"]
+        fenced = f"Fencing broker {node_id} at epoch "
+        deadline = time.monotonic() + timeout_s
+        while True:
+            log = self._controller.state_dir / "logs" / "server.log"
+            try:
+                with log.open("rb") as handle:
+                    size = handle.seek(0, 2)
+                    # A rolled log starts again from 0: read it whole.
+                    handle.seek(self._fence_mark if size >= self._fence_mark else 0)
+                    if fenced.encode() in handle.read():
+                        return
+            except FileNotFoundError:
+                pass
+            if time.monotonic() >= deadline:
+                raise StackError(
+                    f"the controller did not fence broker {node_id} within {timeout_s:.0f}s:\n"
+                    f"{self._log_tails()}"
+                )
+            time.sleep(_POLL_S)
+
+    def _controller_log_size(self) -> int:
+        if self._controller is None:
+            return 0
+        try:
+            return (self._controller.state_dir / "logs" / "server.log").stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def is_running(self) -> bool:
         """Whether every process of the cluster runs."""
-        return all(
-            node.process.is_running()
-            for node in (self._controller, self._broker)
-            if node is not None
-        )
+        return all(node.process.is_running() for node in self._nodes())
 
     def create_topics(
         self,
@@ -408,6 +444,10 @@ class KafkaBroker:
                 raise StackError(f"topics not ready after {timeout_s:.0f}s: {pending}")
             time.sleep(_POLL_S)
 
+    def _nodes(self) -> list[_Node]:
+        """The cluster's processes in start order: the controller first."""
+        return [self._broker] if self._controller is None else [self._controller, self._broker]
+
     def _controller_node(self) -> _Node:
         return self._broker if self._controller is None else self._controller
 
@@ -432,8 +472,8 @@ class KafkaBroker:
         expected = self._broker.cluster_id()
         admin: AdminClient | None = None
         while True:
-            for node in (self._controller, self._broker):
-                if node is not None and not node.process.is_running():
+            for node in self._nodes():
+                if not node.process.is_running():
                     code = node.process.exit_code()
                     raise StackError(
                         f"{node.name} exited (status {code}) before the broker was ready; "
@@ -462,9 +502,7 @@ class KafkaBroker:
             time.sleep(_POLL_S)
 
     def _log_tails(self) -> str:
-        return "\n".join(
-            node.log_tails() for node in (self._controller, self._broker) if node is not None
-        )
+        return "\n".join(node.log_tails() for node in self._nodes())
 
     def _admin(self) -> AdminClient:
         return AdminClient({"bootstrap.servers": self.bootstrap_servers})

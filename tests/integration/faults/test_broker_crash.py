@@ -29,7 +29,8 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     """A cluster of this module's own: the tests kill its broker, which the suite's must not see.
 
     The controller runs apart from the broker, as in production, and stays up while the
-    broker is down: a combined node restarted after kill -9 fences its own previous
+    broker is down; the broker comes back once the controller has fenced it. A combined
+    node, or a broker back before its session expired, fences its own previous
     registration while its transaction coordinator already sends the markers of the
     transactions it reloaded, and Kafka 4.4.0 skips the markers of partitions that have no
     leader at that moment (GUARANTEES.md, "Broker crashes").
@@ -76,6 +77,7 @@ def test_broker_kill_9_and_restart_loses_nothing(
         watch.progress(events * (crash + 1) // (crashes + 2), timeout_s=180)
         killed_at = time.monotonic()
         kafka.kill()
+        kafka.wait_fenced()
         kafka.start()
         down_s.append(time.monotonic() - killed_at)
     flow.join()
