@@ -403,6 +403,10 @@ class KafkaBroker:
         except FileNotFoundError:
             return 0
 
+    def controller_pid(self) -> int | None:
+        """The running controller's pid: the broker's own in the combined shape."""
+        return self._controller_node().process.pid()
+
     def is_running(self) -> bool:
         """Whether every process of the cluster runs."""
         return all(node.process.is_running() for node in self._nodes())

@@ -109,3 +109,22 @@ def test_broker_kill_9_and_restart_loses_nothing(
     assert totals.dead_lettered_total == 0
     if mode == "exactly_once":
         assert totals.duplicated == 0, totals.duplicated_sample
+
+
+def test_the_controller_outlives_a_broker_crash_and_fences_the_broker(
+    kafka: KafkaBroker,
+) -> None:
+    """The shape the test above relies on: only the broker dies, the controller fences it,
+    and the broker, started only then, registers at its first try."""
+    controller = kafka.controller_pid()
+    broker_log = kafka.state_dir / "logs" / "server.log"
+    kafka.kill()
+    assert not kafka.is_running()
+    assert kafka.controller_pid() == controller
+    kafka.wait_fenced()
+    restarted_from = broker_log.stat().st_size
+    kafka.start()
+    assert kafka.controller_pid() == controller
+    with broker_log.open("rb") as handle:
+        handle.seek(restarted_from)
+        assert b"DUPLICATE_BROKER_REGISTRATION" not in handle.read()
