@@ -82,6 +82,7 @@ def _listeners(value: str) -> dict[str, str]:
 
 def test_every_service_is_defined(config: dict[str, Any]) -> None:
     assert set(config["services"]) == {
+        "kafka-controller",
         "kafka",
         "kafka-init",
         "schema-registry",
@@ -93,7 +94,7 @@ def test_every_service_is_defined(config: dict[str, Any]) -> None:
     }
 
 
-def test_kafka_is_a_kraft_node_advertising_container_and_host_addresses(
+def test_kafka_is_a_kraft_broker_advertising_container_and_host_addresses(
     config: dict[str, Any],
 ) -> None:
     kafka = _service(config, "kafka")
@@ -102,18 +103,38 @@ def test_kafka_is_a_kraft_node_advertising_container_and_host_addresses(
         "compose runs the broker version the tests run (devstack/maven/kafka.xml)"
     )
     env = kafka["environment"]
-    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert env["KAFKA_PROCESS_ROLES"] == "broker"
     listeners = _listeners(env["KAFKA_LISTENERS"])
     advertised = _listeners(env["KAFKA_ADVERTISED_LISTENERS"])
     assert advertised["INTERNAL"] == "kafka:29092"
     assert advertised["EXTERNAL"].startswith("localhost:")
-    assert set(advertised) | {env["KAFKA_CONTROLLER_LISTENER_NAMES"]} == set(listeners)
+    assert set(advertised) == set(listeners)
     host_port = advertised["EXTERNAL"].rsplit(":", 1)[1]
     container_port = listeners["EXTERNAL"].rsplit(":", 1)[1]
     assert {"published": int(host_port), "target": int(container_port)} in [
         {"published": int(p["published"]), "target": int(p["target"])} for p in kafka["ports"]
     ]
     assert "healthcheck" in kafka
+
+
+def test_the_kraft_controller_runs_apart_from_the_broker(config: dict[str, Any]) -> None:
+    """A broker crash must leave the controller up (GUARANTEES.md, "Broker crashes")."""
+    controller = _service(config, "kafka-controller")
+    kafka = _service(config, "kafka")
+    assert controller["image"] == kafka["image"]
+    env, broker_env = controller["environment"], kafka["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "controller"
+    assert env["CLUSTER_ID"] == broker_env["CLUSTER_ID"]
+    assert env["KAFKA_NODE_ID"] != broker_env["KAFKA_NODE_ID"]
+    voters = env["KAFKA_CONTROLLER_QUORUM_VOTERS"]
+    assert broker_env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == voters
+    voter_id, _, address = voters.partition("@")
+    assert int(voter_id) == int(env["KAFKA_NODE_ID"])
+    name = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
+    assert broker_env["KAFKA_CONTROLLER_LISTENER_NAMES"] == name
+    assert _listeners(env["KAFKA_LISTENERS"]) == {name: ":" + address.rsplit(":", 1)[1]}
+    assert address.startswith("kafka-controller:")
+    assert kafka["depends_on"]["kafka-controller"]["condition"] == "service_started"
 
 
 def test_topics_are_created_once_before_the_consumer_starts(config: dict[str, Any]) -> None:
