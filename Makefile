@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # Images for `make run`'s demo are served from here; the service may fetch from it.
 DEMO_ORIGIN := 127.0.0.1:8090
-# The try-a-photo page (python -m consumer web); it serves its uploads to the service too.
+# The try-a-photo page (python -m category_suggester web); it serves its uploads to the service too.
 WEB_ORIGIN := 127.0.0.1:8080
 
 .PHONY: help install system-deps stack stack-down run test unit lint format train-demo bench bench-soak chaos fuzz clean
@@ -57,9 +57,9 @@ run: install
 	$(PY) -m devstack up
 	export SUGGESTER_FETCH__ALLOWED_HOSTS=$(DEMO_ORIGIN),$(WEB_ORIGIN) \
 	  SUGGESTER_WEB__PORT=$(lastword $(subst :, ,$(WEB_ORIGIN))); \
-	$(PY) -m consumer web & web=$$!; \
+	$(PY) -m category_suggester web & web=$$!; \
 	trap 'kill $$web 2>/dev/null || true; wait $$web || true' EXIT; \
-	$(PY) -m consumer run
+	$(PY) -m category_suggester run
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -3,7 +3,7 @@
 - `triton_ceiling`: pre-resized uint8 tensors `[B, S, S, 3]` sent over gRPC by
   `concurrency` requests in flight, for each (B, concurrency) point of a sweep; the best
   point's images/s is T. Triton's CPU seconds per image at each point come from /proc.
-- `decode_ceiling`: `consumer.preprocess.decode_image` (the service's decoder) over the
+- `decode_ceiling`: `category_suggester.preprocess.decode_image` (the service's decoder) over the
   benchmark photos in one process per core, images/s in total: D.
 - `combined_bound(T, D)`: where both share the same cores, every image costs 1/T of the
   machine for inference and 1/D for decoding, so at most 1 / (1/T + 1/D) images/s.
@@ -33,7 +33,7 @@ import tritonclient.grpc.aio as grpcaio
 
 from bench import procstat
 from bench.tritonstats import inference_counts
-from consumer.preprocess import decode_image
+from category_suggester.preprocess import decode_image
 
 MODEL = "category_classifier"
 MAX_PIXELS = 40_000_000

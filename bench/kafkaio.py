@@ -33,7 +33,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from consumer.events import EventCodec, ListingImageUploaded
+from category_suggester.events import EventCodec, ListingImageUploaded
 
 TOPIC_CONFIG = {"message.timestamp.type": "LogAppendTime"}
 # librdkafka's syslog levels: 3 keeps errors and drops the transient notices (a coordinator

@@ -24,9 +24,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from confluent_kafka import Consumer, Producer
 
-from consumer.events import EventCodec
-from consumer.postprocess import postprocess, suggestion_record
-from consumer.preprocess import decode_image
+from category_suggester.events import EventCodec
+from category_suggester.postprocess import postprocess, suggestion_record
+from category_suggester.preprocess import decode_image
 
 MODEL = "category_classifier"
 MAX_PIXELS = 40_000_000

@@ -4,12 +4,12 @@ The overhead run gives the service's CPU per event as a whole (from /proc); this
 it down by running the service's own components here, on one thread, and timing them with
 `time.thread_time()`:
 
-- `fetch`: `consumer.fetch.ImageFetcher` GETting a tiny image from the origin (no latency)
+- `fetch`: `category_suggester.fetch.ImageFetcher` GETting a tiny image from the origin (no latency)
   with `concurrency` requests in flight and as many pooled connections, for each
   concurrency of a small sweep (the service's default is 64 of each);
 - `event_decode`: `EventCodec.decode_uploaded` of one event;
 - `suggestion_encode`: postprocess one probability row, build the suggestion record and
-  encode it, as the service does (`consumer.postprocess.suggestion_record`);
+  encode it, as the service does (`category_suggester.postprocess.suggestion_record`);
 - `decode_tiny`: `decode_image` of a tiny image.
 
 These are lower bounds of the service's costs (no contention, warm caches); their sum
@@ -26,10 +26,10 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from consumer.events import EventCodec, ListingImageUploaded
-from consumer.fetch import ImageFetcher
-from consumer.postprocess import postprocess, suggestion_record
-from consumer.settings import FetchSettings
+from category_suggester.events import EventCodec, ListingImageUploaded
+from category_suggester.fetch import ImageFetcher
+from category_suggester.postprocess import postprocess, suggestion_record
+from category_suggester.settings import FetchSettings
 
 _LABELS = ("books", "car", "furniture", "mobile", "motorcycle")
 

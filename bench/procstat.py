@@ -6,7 +6,7 @@
 processes of tritonserver). `memory(pid)` reads VmRSS and VmHWM (the peak RSS) in bytes.
 
 `threads_cpu_seconds(pid, prefix)` is the CPU of the threads whose kernel name starts
-with `prefix` (the service names its decode threads `decode_<n>`, see consumer/threads.py).
+with `prefix` (the service names its decode threads `decode_<n>`: category_suggester/threads.py).
 `Sampler` polls a set of named process trees on a thread every `interval_s` and keeps the
 time series (wall-clock time, CPU seconds, RSS), so a run can ask for the CPU spent between
 any two moments (linearly interpolated between samples) and the RSS over time.

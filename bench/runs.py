@@ -43,7 +43,7 @@ from bench.origin import percentiles
 from bench.pyspy import PySpy, render, summarise
 from bench.stack import REPO_ROOT, BenchStack, ServiceProcess, TritonEndpoint
 from bench.tritonstats import InferenceCounts, inference_counts
-from consumer.events import EventCodec
+from category_suggester.events import EventCodec
 from devstack.process import StackError
 
 Progress = Callable[[str], None]

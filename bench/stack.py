@@ -9,7 +9,7 @@
   model_repository/cpu-identity for the overhead run. An external server (`--triton-url`,
   e.g. a GPU server) is used as it is.
 - The image origin (bench.origin) as a child process.
-- The service, `python -m consumer run`, one process per run, configured only through its
+- The service, `python -m category_suggester run`, one process per run, configured only through its
   `SUGGESTER_*` environment like in production.
 
 Everything started here is stopped by `close()` (also on errors: use it as a context
@@ -140,14 +140,14 @@ def identity_repository(workdir: Path) -> Path:
 
 
 class ServiceProcess:
-    """One `python -m consumer run` process with its own environment and log file."""
+    """One `python -m category_suggester run` process with its own environment and log file."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
         self.port = int(env["SUGGESTER_OBSERVABILITY__PORT"])
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("ab")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run"],
+            [sys.executable, "-m", "category_suggester", "run"],
             env=dict(env),
             cwd=REPO_ROOT,
             stdout=self._log,

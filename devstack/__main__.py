@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO_ROOT / ".stack"
 CPU_REPOSITORY = REPO_ROOT / "model_repository" / "cpu"
 
-# The service's default topics (consumer/settings.py) and their partition counts:
+# The service's default topics (category_suggester/settings.py) and their partition counts:
 # partitions bound how many consumer processes can share the work.
 TOPICS = {
     "listing-image-uploaded": 6,

@@ -12,9 +12,9 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["consumer", "fastavro"]):
-    from consumer.errors import EventDecodeError
-    from consumer.events import DECODE_REASONS, EventCodec
+with atheris.instrument_imports(include=["category_suggester", "fastavro"]):
+    from category_suggester.errors import EventDecodeError
+    from category_suggester.events import DECODE_REASONS, EventCodec
 
 CODEC = EventCodec()
 

@@ -14,12 +14,12 @@ import time
 
 import atheris
 
-with atheris.instrument_imports(include=["consumer", "PIL"]):
+with atheris.instrument_imports(include=["category_suggester", "PIL"]):
     import numpy as np
 
-    from consumer.errors import ImageDecodeError
-    from consumer.preprocess import ACCEPTED_FORMATS, decode_image, sniff_format
-    from consumer.settings import DecodeSettings
+    from category_suggester.errors import ImageDecodeError
+    from category_suggester.preprocess import ACCEPTED_FORMATS, decode_image, sniff_format
+    from category_suggester.settings import DecodeSettings
 
 SIZE = 112
 MAX_PIXELS = DecodeSettings().max_pixels

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from consumer.preprocess import ACCEPTED_FORMATS
+from category_suggester.preprocess import ACCEPTED_FORMATS
 
 
 def event_seeds() -> list[bytes]:

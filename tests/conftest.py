@@ -158,13 +158,13 @@ def service_env(
 
 @pytest.fixture
 def start_service(service_env: dict[str, str], tmp_path: Path) -> Iterator[ServiceFactory]:
-    """Start `python -m consumer run` processes; every one still running is killed after."""
+    """Start `python -m category_suggester run` processes; those still running are killed after."""
     started: list[ServiceProcess] = []
 
     def start(**overrides: str) -> ServiceProcess:
         env = service_env | {"SUGGESTER_OBSERVABILITY__PORT": str(free_port())} | overrides
         process = ServiceProcess(
-            [sys.executable, "-m", "consumer", "run"],
+            [sys.executable, "-m", "category_suggester", "run"],
             env=env,
             log_path=tmp_path / f"service-{len(started)}.log",
             cwd=REPO_ROOT,

@@ -8,7 +8,7 @@ applies inside the exported graph: the network sees the same numbers in training
 serving.
 
 Evaluation images go through `serving_image`, the service's own decoding and
-preprocessing (`consumer.preprocess.decode_image`: shorter side resized to S, then the
+preprocessing (`category_suggester.preprocess.decode_image`: shorter side resized to S, then the
 centre S x S crop), so validation numbers are those of the served model. Training images
 are augmented instead (random resized crop, flip, colour jitter).
 
@@ -33,8 +33,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from consumer.preprocess import decode_image
-from consumer.settings import DecodeSettings
+from category_suggester.preprocess import decode_image
+from category_suggester.settings import DecodeSettings
 from training.errors import DataError
 from training.model import DEFAULT_ARCH, NORMALISATION, Arch, read_labels, write_labels
 

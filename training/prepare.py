@@ -74,7 +74,7 @@ _DECODE_ERRORS: Final = (
     struct.error,
     zlib.error,
     Image.DecompressionBombError,
-    # Raised, not printed, once consumer.preprocess has made it an error process-wide.
+    # Raised, not printed, once category_suggester.preprocess has made it an error process-wide.
     Image.DecompressionBombWarning,
 )
 

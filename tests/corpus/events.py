@@ -22,7 +22,7 @@ from typing import Any
 
 from fastavro import parse_schema, schemaless_writer
 
-from consumer.events import (
+from category_suggester.events import (
     SINGLE_OBJECT_MARKER,
     UPLOADED_SCHEMA,
     EventCodec,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from consumer.errors import ImageDecodeError
-from consumer.preprocess import decode_image
+from category_suggester.errors import ImageDecodeError
+from category_suggester.preprocess import decode_image
 from tests.corpus import SUGGESTED
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from consumer.preprocess import ACCEPTED_FORMATS, sniff_format
-from consumer.settings import DecodeSettings
+from category_suggester.preprocess import ACCEPTED_FORMATS, sniff_format
+from category_suggester.settings import DecodeSettings
 from tests.corpus import SUGGESTED
 from tests.corpus.images import WORST_CASES, ImageCase, image_cases, worst_case_image
 from tests.support.python import run_python

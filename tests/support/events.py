@@ -1,4 +1,5 @@
-"""Fixed sample events for the event contract's unit tests (tests/unit/consumer/events)."""
+"""Fixed sample events for the event contract's unit tests
+(tests/unit/category_suggester/events)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import consumer
-from consumer.events import CategorySuggestion, ListingImageUploaded
+import category_suggester
+from category_suggester.events import CategorySuggestion, ListingImageUploaded
 
 INPUT_TOPIC = "listing-image-uploaded"
 OUTPUT_TOPIC = "category-suggestion"
-SCHEMAS = Path(consumer.__file__).parent / "schemas"
+SCHEMAS = Path(category_suggester.__file__).parent / "schemas"
 
 
 def rabin64(data: bytes) -> int:

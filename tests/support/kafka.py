@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, Message, Producer
 
-from consumer.events import (
+from category_suggester.events import (
     CategoryScore,
     CategorySuggestion,
     DlqInfo,

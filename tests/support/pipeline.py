@@ -1,5 +1,5 @@
 """The pipeline under test with fakes for its I/O steps (fetch, decode, infer), shared by
-its unit tests in both delivery modes (tests/unit/consumer/test_app*.py).
+its unit tests in both delivery modes (tests/unit/category_suggester/test_app*.py).
 
 `pipeline_settings` and `make_pipeline` build a pipeline on the topics `in`, `out` and
 `dlq` with millisecond retries; `message` makes an input record; each test module brings
@@ -18,15 +18,15 @@ import numpy as np
 from confluent_kafka import Message
 from prometheus_client import CollectorRegistry
 
-from consumer.app import Pipeline
-from consumer.batch import BatchResult
-from consumer.delivery import Delivery
-from consumer.errors import FetchRefusedError, InferenceUnavailableError, SuggesterError
-from consumer.events import EventCodec
-from consumer.fetch import FetchedImage
-from consumer.infer import ModelInfo
-from consumer.metrics import Metrics
-from consumer.settings import Settings
+from category_suggester.app import Pipeline
+from category_suggester.batch import BatchResult
+from category_suggester.delivery import Delivery
+from category_suggester.errors import FetchRefusedError, InferenceUnavailableError, SuggesterError
+from category_suggester.events import EventCodec
+from category_suggester.fetch import FetchedImage
+from category_suggester.infer import ModelInfo
+from category_suggester.metrics import Metrics
+from category_suggester.settings import Settings
 from tests.support.kafka import make_event
 
 LABELS = ("books", "car", "furniture", "mobile", "motorcycle")

@@ -1,4 +1,4 @@
-"""A service process under test: `python -m consumer run` with its own environment."""
+"""A service process under test: `python -m category_suggester run` with its own environment."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 
-from consumer.events import EventCodec
-from consumer.metrics import Metrics
+from category_suggester.events import EventCodec
+from category_suggester.metrics import Metrics
 from devstack.kafka import KafkaBroker
 from devstack.process import free_port
 from tests.conftest import Topics

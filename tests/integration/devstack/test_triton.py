@@ -224,7 +224,7 @@ def test_a_new_version_is_served_without_restart(
     result = client.infer(MODEL_NAME, [_input(_images(2, seed=5))])
     assert result.get_response().model_version == "2"
     parameters = client.get_model_config(MODEL_NAME, as_json=True)["config"]["parameters"]
-    # The JSON form clients read (consumer/infer.py): a string value per parameter.
+    # The JSON form clients read (category_suggester/infer.py): a string value per parameter.
     assert parameters["confidence_threshold"] == {"string_value": "0.75"}
     assert parameters["intra_op_thread_count"] == {"string_value": "2"}
 

@@ -2,9 +2,9 @@
 
 - `EventFlow` produces events on a thread of its own (paced, keys from a small pool so
   that order per key means something), so faults happen with events flowing.
-- `ServiceGroup` runs N `python -m consumer run` processes in one consumer group and
+- `ServiceGroup` runs N `python -m category_suggester run` processes in one consumer group and
   kills, terminates and restarts them.
-- `LedgerWatch` polls the ledger (consumer/ops/ledger.py) of the test's topics until a
+- `LedgerWatch` polls the ledger (category_suggester/ops/ledger.py) of the test's topics until a
   condition holds, and gives the final totals.
 - `FaultRecord` is what a test reports; the folder's conftest prints every record at the
   end of the run (the totals `make chaos` shows).
@@ -35,9 +35,9 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from PIL import Image
 
-from consumer.events import EventCodec, ListingImageUploaded
-from consumer.ops.ledger import Ledger, LedgerTotals
-from consumer.settings import DeliveryMode
+from category_suggester.events import EventCodec, ListingImageUploaded
+from category_suggester.ops.ledger import Ledger, LedgerTotals
+from category_suggester.settings import DeliveryMode
 from tests.conftest import ServiceFactory, Topics
 from tests.support.kafka import make_event
 from tests.support.origin import ImageOrigin
@@ -305,7 +305,7 @@ class LedgerWatch:
 
 
 def count_by_event_id(bootstrap: str, topics: Topics, timeout_s: float) -> tuple[int, int]:
-    """(lost, extra answers) counted apart from consumer/ops/ledger.py, for a cross-check.
+    """(lost, extra answers) counted apart from category_suggester/ops/ledger.py, for a cross-check.
 
     The ledger matches answers to input positions (partition, offset) and reads DLQ
     headers; this matches them by event id alone: the ids in the input values, the

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from consumer.settings import DeliveryMode
+from category_suggester.settings import DeliveryMode
 from devstack.kafka import KafkaBroker
 from tests.conftest import ServiceFactory, Topics
 from tests.integration.faults.harness import (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.events import parse_dlq_headers
+from category_suggester.events import parse_dlq_headers
 from devstack.kafka import KafkaBroker
 from devstack.triton import TritonServer
 from tests.conftest import ServiceFactory, Topics

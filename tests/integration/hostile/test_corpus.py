@@ -23,8 +23,8 @@ import pytest
 from confluent_kafka import Message, Producer
 from PIL import Image
 
-from consumer.events import EventCodec, parse_dlq_headers
-from consumer.preprocess import decode_image
+from category_suggester.events import EventCodec, parse_dlq_headers
+from category_suggester.preprocess import decode_image
 from devstack.kafka import KafkaBroker
 from tests.conftest import ServedModel, ServiceFactory, Topics
 from tests.corpus import SUGGESTED

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import Producer
 
-from consumer.events import DEFAULT_MAX_EVENT_BYTES, EventCodec, parse_dlq_headers
+from category_suggester.events import DEFAULT_MAX_EVENT_BYTES, EventCodec, parse_dlq_headers
 from devstack.kafka import KafkaBroker
 from tests.conftest import ServiceFactory, Topics
 from tests.corpus.events import EventCase, oversized_event_cases

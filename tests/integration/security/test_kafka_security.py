@@ -14,8 +14,8 @@ from collections.abc import Callable
 import pytest
 from confluent_kafka import Producer
 
-from consumer.events import EventCodec
-from consumer.settings import KafkaSettings
+from category_suggester.events import EventCodec
+from category_suggester.settings import KafkaSettings
 from tests.conftest import ServiceFactory, Topics
 from tests.corpus.images import encode, picture
 from tests.integration.security.certs import CLIENT_KEY_PASSWORD, Pki

@@ -21,9 +21,9 @@ import torch
 import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry
 
-from consumer.infer import TritonClassifier
-from consumer.metrics import Metrics
-from consumer.settings import TritonSettings
+from category_suggester.infer import TritonClassifier
+from category_suggester.metrics import Metrics
+from category_suggester.settings import TritonSettings
 from devstack.process import StackError, free_port
 from devstack.triton import TritonServer
 from training.data import Augment, read_manifest, serving_image

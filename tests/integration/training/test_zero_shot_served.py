@@ -15,9 +15,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client import CollectorRegistry
 
-from consumer.infer import TritonClassifier
-from consumer.metrics import Metrics
-from consumer.settings import TritonSettings
+from category_suggester.infer import TritonClassifier
+from category_suggester.metrics import Metrics
+from category_suggester.settings import TritonSettings
 from devstack.triton import TritonServer
 from tests.conftest import ServedModel
 from training.data import serving_image

@@ -16,8 +16,8 @@ from bench.pyspy import summarise
 from bench.report import evaluate, markdown, rss_trend_mb
 from bench.runs import DECODE_THREADS, RunResult, format_split, image_format, stage_split
 from bench.tritonstats import parse
-from consumer.events import EventCodec, StageTimings
-from consumer.threads import NamedThread
+from category_suggester.events import EventCodec, StageTimings
+from category_suggester.threads import NamedThread
 from tests.support.kafka import make_suggestion
 
 
@@ -175,12 +175,12 @@ def test_series_interpolates_cpu_between_samples() -> None:
 def test_py_spy_summary_shares(tmp_path: Path) -> None:
     raw = tmp_path / "profile.txt"
     raw.write_text(
-        "thread (1): MainThread;main (app.py:1);fetch (consumer/fetch.py:10) 30\n"
-        "thread (1): MainThread;main (app.py:1);decode (consumer/preprocess.py:5) 10\n"
+        "thread (1): MainThread;main (app.py:1);fetch (category_suggester/fetch.py:10) 30\n"
+        "thread (1): MainThread;main (app.py:1);decode (category_suggester/preprocess.py:5) 10\n"
     )
     summary = summarise(raw)
     assert summary["samples"] == 40
-    assert summary["self"][0] == ("fetch (consumer/fetch.py)", 75.0)
+    assert summary["self"][0] == ("fetch (category_suggester/fetch.py)", 75.0)
     assert ("main (app.py)", 100.0) in summary["inclusive"]
 
 

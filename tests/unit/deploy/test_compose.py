@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from consumer.settings import Settings
+from category_suggester.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEVICES = ("gpu", "cpu")

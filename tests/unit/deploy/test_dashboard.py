@@ -22,7 +22,7 @@ from grafana_foundation_sdk.cog import plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard
 from prometheus_client import CollectorRegistry
 
-from consumer.metrics import Metrics
+from category_suggester.metrics import Metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"

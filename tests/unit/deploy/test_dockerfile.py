@@ -12,7 +12,7 @@ from pathlib import Path
 import dockerfile
 import pytest
 
-from consumer.settings import Settings
+from category_suggester.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SERVICE_DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
@@ -83,7 +83,7 @@ def test_health_check_probes_healthz_on_the_service_port() -> None:
     assert _only(final, "EXPOSE").value == (str(port),)
     entrypoint = _only(final, "ENTRYPOINT")
     assert entrypoint.json
-    assert entrypoint.value == ("python", "-m", "consumer")
+    assert entrypoint.value == ("python", "-m", "category_suggester")
     assert _only(final, "CMD").value == ("run",)
 
 

@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from consumer.settings import Settings
+from category_suggester.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 OVERLAYS_DIR = REPO_ROOT / "deploy" / "k8s" / "overlays"

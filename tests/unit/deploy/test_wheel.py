@@ -10,10 +10,10 @@ import shutil
 import zipfile
 from pathlib import Path
 
-import consumer
+import category_suggester
 from tests.support.python import REPO_ROOT, run_python
 
-SERVICE = consumer.__name__
+SERVICE = category_suggester.__name__
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc", "photos")
 
 

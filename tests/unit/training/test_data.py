@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from consumer.preprocess import decode_image
+from category_suggester.preprocess import decode_image
 from training.data import (
     Augment,
     EpochSampler,
